@@ -1,0 +1,67 @@
+"""The BLoB guide: a mean-field Gaussian over every LoRA-A factor, std = G^2 (Wang et al. 2024).
+
+    q(A) = prod_ij N(M_ij, (G_ij^2)^2)
+
+M starts at the LoRA init of A (``init_loc_fn``, kaiming-uniform by default) and G ~ U(eps/sqrt(2), eps),
+so the initial std lies in [eps^2/2, eps^2]. B is not a guide site: it stays the model's deterministic
+``lora_B`` parameter (asymmetric Bayesianization, BLOB.md section 1). The Normal sits at the model
+site itself, so ``TraceMeanField_ELBO`` uses the closed-form KL.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pyro
+import pyro.distributions as dist
+import torch
+from pyro import poutine
+from pyro.nn import PyroParam
+
+from .base import LoRAGuide, deep_getattr, init_to_lora
+
+__all__ = ["BLoBGuide"]
+
+
+class BLoBGuide(LoRAGuide):
+    """:param model: a :class:`~blob_pyro.models.BayesianLoRAModel`.
+    :param eps: initial scale of G (G ~ U(eps / sqrt(2), eps)); 0.05 in the paper.
+    :param init_loc_fn: ``layer -> (rank, in_features)`` initial mean of A.
+    """
+
+    provides_flipout_loc = True
+
+    def __init__(self, model, *, eps: float = 0.05, init_loc_fn=init_to_lora):
+        if not (isinstance(eps, (int, float)) and math.isfinite(eps) and eps > 0):
+            raise ValueError(f"BLoB eps must be a finite positive number (paper: 0.05), got {eps!r}")
+        super().__init__(model)
+        self.eps = float(eps)
+        self.locs = self._new_container()
+        self.std_roots = self._new_container()
+        for site in self.site_names:
+            loc = init_loc_fn(self._adapter(site)).detach().clone()
+            root = torch.empty_like(loc).uniform_(self.eps / math.sqrt(2.0), self.eps)
+            self._set_site_param(self.locs, site, PyroParam(loc))
+            self._set_site_param(self.std_roots, site, PyroParam(root))
+
+    def loc(self, site: str) -> torch.Tensor:
+        """M for ``site``: ``(rank, in_features)``."""
+        return deep_getattr(self.locs, site)
+
+    def scale(self, site: str) -> torch.Tensor:
+        """The std G^2 for ``site``: ``(rank, in_features)``."""
+        root = deep_getattr(self.std_roots, site)
+        return root * root
+
+    def forward(self, *args, kl_weight: float = 1.0, flipout=None, **kwargs):
+        draws = {}
+        with poutine.scale(scale=kl_weight):
+            for site in self.site_names:
+                loc = self.loc(site)
+                draws[site] = pyro.sample(site, dist.Normal(loc, self.scale(site)).to_event(2))
+                if flipout is not None:
+                    self._adapter(site).set_transient(flipout_loc=loc)
+        return draws
+
+    def posterior_mean(self):
+        return {site: self.loc(site).detach() for site in self.site_names}

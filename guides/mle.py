@@ -1,0 +1,38 @@
+"""Maximum likelihood: plain LoRA. A is a point estimate (a Delta at a free parameter), no prior term.
+
+The trainer reads ``scores_prior = False`` and gives the A sites weight 0 in model and guide, so the
+objective is exactly the (dataset-scaled) negative log-likelihood.
+"""
+
+from __future__ import annotations
+
+import pyro
+import pyro.distributions as dist
+from pyro import poutine
+from pyro.nn import PyroParam
+
+from .base import LoRAGuide, deep_getattr, init_to_lora
+
+__all__ = ["MLEGuide"]
+
+
+class MLEGuide(LoRAGuide):
+    """Point estimates of every LoRA-A (initialised by ``init_loc_fn``); B is the model's parameter."""
+
+    scores_prior = False
+
+    def __init__(self, model, *, init_loc_fn=init_to_lora):
+        super().__init__(model)
+        self.values = self._new_container()
+        for site in self.site_names:
+            self._set_site_param(self.values, site, PyroParam(init_loc_fn(self._adapter(site)).detach().clone()))
+
+    def forward(self, *args, kl_weight: float = 0.0, flipout=None, **kwargs):
+        with poutine.scale(scale=kl_weight):
+            return {
+                site: pyro.sample(site, dist.Delta(deep_getattr(self.values, site)).to_event(2))
+                for site in self.site_names
+            }
+
+    def posterior_mean(self):
+        return {site: deep_getattr(self.values, site).detach() for site in self.site_names}

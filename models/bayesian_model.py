@@ -1,0 +1,114 @@
+"""The Pyro model: a transformers network with Bayesian LoRA adapters and a categorical likelihood.
+
+    A_l ~ prior                     for every adapted layer l (sites ``<module path>.lora_A``)
+    y_i ~ Categorical(logits = head(network_{A, B}(x_i)))    for i in the minibatch, inside
+          pyro.plate("data", size=num_data, subsample=indices)
+
+The plate scales the minibatch log-likelihood by ``num_data / batch`` and the prior term is counted
+once: the textbook per-dataset ELBO. A KL weight (``kl_weight``) scales the A sites through
+``poutine.scale``; pass the same value to the guide, which must scale its sites too
+(PYRO_NOTES.md: scaled only in the model, ``TraceMeanField_ELBO`` ignores it).
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterator, Optional
+
+import pyro
+import pyro.distributions as dist
+import torch
+from pyro import poutine
+from torch import nn
+
+from .adapt import find_adapters
+from .lora import BayesianLoRALinear
+
+__all__ = ["BayesianLoRAModel"]
+
+
+class BayesianLoRAModel(nn.Module):
+    """``network`` (already passed through :func:`bayesianize`) + a likelihood ``head``.
+
+    Call it as a Pyro model: ``model(input_ids, attention_mask, labels, indices, num_data=N)``.
+
+    :param network: a transformers model whose target layers are :class:`BayesianLoRALinear`.
+    :param head: maps ``(network, input_ids, attention_mask)`` to class logits ``(batch, K)``.
+    """
+
+    def __init__(self, network: nn.Module, head: nn.Module):
+        super().__init__()
+        self.network = network
+        self.head = head
+        # A plain dict (not a ModuleDict): the adapters are already registered inside `network`.
+        self._adapters = {layer.site_name: layer for layer in find_adapters(network).values()}
+        if not self._adapters:
+            raise ValueError("network has no Bayesian LoRA adapters: call bayesianize(network, ...) first")
+
+    @property
+    def adapters(self) -> dict[str, BayesianLoRALinear]:
+        """Adapters keyed by Pyro site name of their A factor (``<module path>.lora_A``)."""
+        return dict(self._adapters)
+
+    @property
+    def num_classes(self) -> int:
+        return self.head.num_classes
+
+    def draw_lora_factors(self, kl_weight: float = 1.0) -> dict[str, torch.Tensor]:
+        """Sample every A once (the model's prior sites), under ``poutine.scale(kl_weight)``.
+
+        Returns ``{site name: (rank, in_features) tensor}``.
+        """
+        with poutine.scale(scale=kl_weight):
+            return {site: layer.sample_A() for site, layer in self.adapters.items()}
+
+    @contextmanager
+    def lora_draws(self, draws: dict[str, torch.Tensor], *, flipout: Optional[str] = None) -> Iterator[None]:
+        """Hand one draw of every A to the adapters for the duration of a forward pass."""
+        adapters = self.adapters
+        try:
+            for site, layer in adapters.items():
+                layer.set_transient(active_A=draws[site], flipout=flipout)
+            yield
+        finally:
+            for layer in adapters.values():
+                layer.set_transient(active_A=None, flipout=None, flipout_loc=None)
+
+    def class_logits(self, input_ids, attention_mask, *, kl_weight: float = 1.0, flipout: Optional[str] = None):
+        """Draw A, run the network, return class logits ``(batch, K)``."""
+        draws = self.draw_lora_factors(kl_weight)
+        with self.lora_draws(draws, flipout=flipout):
+            return self.head(self.network, input_ids, attention_mask)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        labels: Optional[torch.Tensor] = None,
+        indices: Optional[torch.Tensor] = None,
+        *,
+        num_data: Optional[int] = None,
+        kl_weight: float = 1.0,
+        flipout: Optional[str] = None,
+    ) -> torch.Tensor:
+        """The Pyro model.
+
+        :param input_ids: ``(batch, seq)`` token ids; ``attention_mask`` the same shape.
+        :param labels: ``(batch,)`` class indices, or None to sample them (prediction).
+        :param indices: ``(batch,)`` positions of the rows in the training set (the plate's subsample).
+        :param num_data: size of the training set N; the likelihood is scaled by N / batch.
+        :param kl_weight: weight of the prior (KL) term on the A sites; give the guide the same value.
+        :param flipout: None, ``"token"`` or ``"sequence"``; needs a guide that sets the adapters'
+            ``flipout_loc`` (``BLoBGuide``).
+        :returns: class logits ``(batch, K)``; also recorded as the deterministic site ``"probs"``.
+        """
+        batch = input_ids.shape[0]
+        logits = self.class_logits(input_ids, attention_mask, kl_weight=kl_weight, flipout=flipout)
+        pyro.deterministic("probs", torch.softmax(logits, dim=-1), event_dim=2)
+        size = batch if num_data is None else int(num_data)
+        subsample = indices if indices is not None else torch.arange(batch, device=input_ids.device)
+        if labels is not None and labels.shape != (batch,):
+            raise ValueError(f"labels must have shape ({batch},), got {tuple(labels.shape)}")
+        with pyro.plate("data", size=size, subsample=subsample):
+            pyro.sample("obs", dist.Categorical(logits=logits), obs=labels)
+        return logits

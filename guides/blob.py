@@ -15,8 +15,10 @@ import math
 import pyro
 import pyro.distributions as dist
 import torch
-from pyro import poutine
+
 from pyro.nn import PyroParam
+
+from blob_pyro.models.bayesian_model import kl_weight_handler
 
 from .base import LoRAGuide, deep_getattr, init_to_lora
 
@@ -55,7 +57,7 @@ class BLoBGuide(LoRAGuide):
 
     def forward(self, *args, kl_weight: float = 1.0, flipout=None, **kwargs):
         draws = {}
-        with poutine.scale(scale=kl_weight):
+        with kl_weight_handler(kl_weight):
             for site in self.site_names:
                 loc = self.loc(site)
                 draws[site] = pyro.sample(site, dist.Normal(loc, self.scale(site)).to_event(2))

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import pyro
 import pyro.distributions as dist
-from pyro import poutine
+
 from pyro.nn import PyroParam
+
+from blob_pyro.models.bayesian_model import kl_weight_handler
 
 from .base import LoRAGuide, deep_getattr, init_to_lora
 
@@ -28,7 +30,7 @@ class MLEGuide(LoRAGuide):
             self._set_site_param(self.values, site, PyroParam(init_loc_fn(self._adapter(site)).detach().clone()))
 
     def forward(self, *args, kl_weight: float = 0.0, flipout=None, **kwargs):
-        with poutine.scale(scale=kl_weight):
+        with kl_weight_handler(kl_weight):
             return {
                 site: pyro.sample(site, dist.Delta(deep_getattr(self.values, site)).to_event(2))
                 for site in self.site_names

@@ -24,7 +24,20 @@ from torch import nn
 from .adapt import find_adapters
 from .lora import BayesianLoRALinear
 
-__all__ = ["BayesianLoRAModel"]
+__all__ = ["BayesianLoRAModel", "kl_weight_handler"]
+
+
+def kl_weight_handler(kl_weight: float):
+    """The handler that weights the A sites: ``poutine.scale(w)``, or ``poutine.mask(False)`` for w = 0.
+
+    Use the same weight in model and guide. ``poutine.scale`` refuses 0; masking drops the log-density
+    terms while the sampled values (e.g. a Delta's parameter) still carry gradients.
+    """
+    if kl_weight < 0 or kl_weight != kl_weight:
+        raise ValueError(f"the KL weight must be a non-negative number, got {kl_weight}")
+    if kl_weight == 0:
+        return poutine.mask(mask=False)
+    return poutine.scale(scale=kl_weight)
 
 
 class BayesianLoRAModel(nn.Module):
@@ -59,7 +72,7 @@ class BayesianLoRAModel(nn.Module):
 
         Returns ``{site name: (rank, in_features) tensor}``.
         """
-        with poutine.scale(scale=kl_weight):
+        with kl_weight_handler(kl_weight):
             return {site: layer.sample_A() for site, layer in self.adapters.items()}
 
     @contextmanager

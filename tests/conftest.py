@@ -11,3 +11,43 @@ def fresh_pyro_state():
     pyro.enable_validation(True)
     yield
     pyro.clear_param_store()
+
+
+# --- Tokenizer fixtures for the data tests (no downloads, ~0.1 s) -------------------------------
+
+TINY_BPE_CORPUS = [
+    "Tracy didn't go home that evening and resisted Riley's attacks. What does Tracy need to do before this?",
+    "Is it common to see frost during some college commencements? Yes No true false correct incorrect",
+    "Question: which one?\nA. Make a new plan\nB. Go home and see Riley\nC. Find somewhere to go\nAnswer: C",
+    " A B C D E F G H I J Answer: A. B. C. D. E. F. G.",
+]
+
+
+@pytest.fixture(scope="session")
+def tiny_bpe_tokenizer():
+    """GPT-2-style byte-level BPE trained in the test, with a BOS token and single-token " A".." J"."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=500,
+        special_tokens=["<pad>", "<s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    backend.train_from_iterator(TINY_BPE_CORPUS * 20, trainer)
+    backend.post_processor = processors.TemplateProcessing(
+        single="<s> $A", special_tokens=[("<s>", backend.token_to_id("<s>"))]
+    )
+    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", pad_token="<pad>")
+
+
+@pytest.fixture(scope="session")
+def byte_tokenizer():
+    """ByT5's byte tokenizer: one token per byte, so " A" is two tokens; appends EOS."""
+    from transformers import ByT5Tokenizer
+
+    return ByT5Tokenizer()

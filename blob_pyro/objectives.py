@@ -1,0 +1,180 @@
+"""Training objectives: the textbook ELBO through ``pyro.infer.SVI``, and BLoB's "parity" update rule.
+
+``ELBOObjective``
+    ``SVI(model, guide, AdamW + schedule + clipping, Trace_ELBO())``. Per step the loss is
+    ``(N / b) * NLL_batch_sum + kl_weight_t * KL``: the likelihood scaled by the data plate, the prior
+    term counted once and weighted by ``kl_weight_t`` on the A sites of model AND guide. With
+    ``kl_schedule="constant"`` and ``kl_weight=1`` this is the plain per-dataset ELBO;
+    ``"blob"``/``"blundell"`` use ``kl_weight * M * pi_t`` (PYRO_NOTES.md, "KL weights in numbers").
+``ParityObjective``
+    The official BLoB update (BLOB.md section 2): AdamW on the batch-mean NLL for M and B, then plain
+    SGD (``kllr``) on ``pi_t * KL`` for all parameters; G is trained by the SGD step only (on its
+    NLL + pi_t * KL gradients). The KL is closed form, summed over elements, in float64.
+
+Both expose ``step(batch, step) -> dict`` of scalars for logging.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import pyro
+import torch
+from pyro import poutine
+from pyro.infer import SVI, Trace_ELBO, TraceMeanField_ELBO
+from torch.distributions import kl_divergence
+
+from blob_pyro.models.bayesian_model import BayesianLoRAModel
+
+from .optim import adamw_with_schedule
+from .schedules import kl_reweighting_pi, linear_warmup_decay
+
+__all__ = ["ELBOS", "make_elbo", "KLWeighting", "ELBOObjective", "ParityObjective", "closed_form_kl"]
+
+ELBOS = {"trace": Trace_ELBO, "meanfield": TraceMeanField_ELBO}
+
+
+def make_elbo(name: str = "trace", **options):
+    """``"trace"`` -> ``Trace_ELBO`` (Monte Carlo KL), ``"meanfield"`` -> ``TraceMeanField_ELBO`` (closed form)."""
+    try:
+        return ELBOS[name](**options)
+    except KeyError:
+        raise ValueError(f"unknown ELBO {name!r}; valid names: {sorted(ELBOS)}") from None
+
+
+@dataclass
+class KLWeighting:
+    """The weight of the prior/KL term at each step.
+
+    :param schedule: ``"constant"``, ``"blob"`` (official, increasing) or ``"blundell"`` (decreasing).
+    :param cycle_length: M, the number of steps in one re-weighting cycle.
+    :param multiplier: a constant factor on top (``--kl-weight``); 0 removes the prior term.
+    """
+
+    schedule: str
+    cycle_length: int
+    multiplier: float = 1.0
+
+    def pi(self, step: int) -> float:
+        """pi_t of the official code (``1/M`` for ``constant``)."""
+        return kl_reweighting_pi(step, self.cycle_length, self.schedule)
+
+    def elbo_weight(self, step: int) -> float:
+        """Weight of the KL in per-dataset ELBO units: ``multiplier * M * pi_t`` (1 * multiplier if constant)."""
+        return self.multiplier * self.cycle_length * self.pi(step)
+
+
+def closed_form_kl(model: BayesianLoRAModel, guide, *, dtype=torch.float64) -> torch.Tensor:
+    """Sum over adapters of KL(q(A) || p(A)), closed form, element-wise, in ``dtype``.
+
+    Needs a guide with ``loc(site)``/``scale(site)`` (a mean-field Gaussian such as BLoBGuide) and a prior
+    whose KL against a Normal is registered in torch (Normal, Laplace, ...).
+    """
+    total = torch.zeros((), dtype=dtype)
+    for site, layer in model.adapters.items():
+        loc, scale = guide.loc(site).to(dtype), guide.scale(site).to(dtype)
+        prior = layer.prior.distribution(loc)
+        try:
+            kl = kl_divergence(torch.distributions.Normal(loc, scale), prior)
+        except NotImplementedError:
+            raise ValueError(
+                f"no closed-form KL between a Normal guide and {type(layer.prior).__name__}: the parity objective "
+                "needs one; use --objective elbo (Monte Carlo KL) with this prior"
+            ) from None
+        total = total.to(kl.device) + kl.sum()
+    return total
+
+
+def _batch_args(batch: dict):
+    return batch["input_ids"], batch["attention_mask"], batch["labels"], batch["indices"]
+
+
+class ELBOObjective:
+    """Textbook ELBO, stepped by ``pyro.infer.SVI``.
+
+    :param model: the Pyro model. :param guide: a ``LoRAGuide``.
+    :param num_data: N, the training-set size (the data plate's size).
+    :param kl: a :class:`KLWeighting`. :param elbo: ``"trace"`` or ``"meanfield"``.
+    :param flipout: None, ``"token"`` or ``"sequence"`` (guides that provide M only).
+    """
+
+    def __init__(
+        self, model, guide, *, num_data: int, total_steps: int, kl: KLWeighting, lr: float,
+        weight_decay: float = 0.0, adam_eps: float = 1e-6, warmup_ratio: float = 0.06,
+        max_grad_norm: Optional[float] = 1.0, elbo: str = "trace", flipout: Optional[str] = None,
+    ):
+        if flipout is not None and not getattr(guide, "provides_flipout_loc", False):
+            raise ValueError(f"flipout needs a guide that provides the mean of A (e.g. 'blob'), not {type(guide).__name__}")
+        self.model, self.guide, self.num_data, self.kl, self.flipout = model, guide, num_data, kl, flipout
+        self.optim = adamw_with_schedule(
+            lr=lr, lr_factor=linear_warmup_decay(total_steps, warmup_ratio), weight_decay=weight_decay,
+            eps=adam_eps, max_grad_norm=max_grad_norm,
+        )
+        self.svi = SVI(model, guide, self.optim, make_elbo(elbo))
+
+    def kl_weight(self, step: int) -> float:
+        return self.kl.elbo_weight(step) if self.guide.scores_prior else 0.0
+
+    def step(self, batch: dict, step: int) -> dict:
+        weight = self.kl_weight(step)
+        loss = self.svi.step(*_batch_args(batch), num_data=self.num_data, kl_weight=weight, flipout=self.flipout)
+        self.optim.step()
+        if not math.isfinite(loss):
+            raise FloatingPointError(f"the ELBO loss is {loss} at step {step}; lower --lr or check the data")
+        return {"loss": loss, "kl_weight": weight, "grad_norm": self.optim.last_grad_norm}
+
+
+class ParityObjective:
+    """The official BLoB update rule (two optimisers), for a guide with ``loc``/``scale`` (BLoBGuide).
+
+    :param kl: a :class:`KLWeighting` whose ``pi(step)`` multiplies the KL (``multiplier`` too).
+    :param kllr: learning rate of the SGD step on ``pi_t * KL`` (0.01 for LLaMA in the paper).
+    """
+
+    def __init__(
+        self, model, guide, *, total_steps: int, kl: KLWeighting, lr: float, kllr: float = 0.01,
+        weight_decay: float = 0.0, adam_eps: float = 1e-6, warmup_ratio: float = 0.06,
+        max_grad_norm: Optional[float] = None, flipout: Optional[str] = "token",
+    ):
+        if not (hasattr(guide, "loc") and hasattr(guide, "std_roots")):
+            raise ValueError("the parity objective reproduces BLoB's update and needs the 'blob' guide")
+        self.model, self.guide, self.kl, self.flipout = model, guide, kl, flipout
+        means = [guide.loc(site) for site in guide.site_names]
+        roots = [p for p in guide.std_roots.parameters()]
+        bs = [layer.lora_B for layer in model.adapters.values()]
+        factor = linear_warmup_decay(total_steps, warmup_ratio)
+        self.adamw = torch.optim.AdamW(means + bs, lr=lr, eps=adam_eps, weight_decay=weight_decay)
+        self.sgd = torch.optim.SGD(means + roots + bs, lr=kllr)
+        self.schedulers = [torch.optim.lr_scheduler.LambdaLR(o, factor) for o in (self.adamw, self.sgd)]
+        self.max_grad_norm = max_grad_norm
+
+    def negative_log_likelihood(self, batch: dict) -> torch.Tensor:
+        """Batch-mean NLL with one draw of every A from the guide (flipout as configured)."""
+        input_ids, attention_mask, labels, _ = _batch_args(batch)
+        draws = self.guide(kl_weight=1.0, flipout=self.flipout)
+        with poutine.block(), poutine.condition(data=draws):
+            logits = self.model.class_logits(input_ids, attention_mask, flipout=self.flipout)
+        return torch.nn.functional.cross_entropy(logits, labels)
+
+    def step(self, batch: dict, step: int) -> dict:
+        pi = self.kl.multiplier * self.kl.pi(step)
+        with poutine.block():
+            nll = self.negative_log_likelihood(batch)
+            nll.backward()
+            if self.max_grad_norm is not None:
+                torch.nn.utils.clip_grad_norm_(self.adamw.param_groups[0]["params"], self.max_grad_norm)
+            self.adamw.step()
+            self.adamw.zero_grad(set_to_none=True)  # M, B lose their NLL gradient; G keeps its own
+            kl = closed_form_kl(self.model, self.guide)
+            (pi * kl).backward()
+            self.sgd.step()
+            self.sgd.zero_grad(set_to_none=True)
+        for scheduler in self.schedulers:
+            scheduler.step()
+        nll_value, kl_value = float(nll.detach()), float(kl.detach())
+        loss = nll_value + pi * kl_value
+        if not math.isfinite(loss):
+            raise FloatingPointError(f"the parity loss is {loss} at step {step}; lower --lr/--kllr or check the data")
+        return {"loss": loss, "nll": nll_value, "kl": kl_value, "kl_weight": pi}

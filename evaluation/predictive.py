@@ -1,0 +1,47 @@
+"""Posterior predictive class probabilities with ``pyro.infer.Predictive``.
+
+* ``num_samples = N > 0``: N draws of every A from the guide, one full forward pass each (sequential:
+  ``Predictive(parallel=True)`` fails on transformers models, PYRO_NOTES.md), returning the
+  deterministic ``"probs"`` site only.
+* ``num_samples = 0``: one pass with every A at the guide's posterior mean ("BLoB N = 0").
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Optional
+
+import torch
+from pyro import poutine
+from pyro.infer import Predictive
+
+__all__ = ["predict_probs", "posterior_mean_probs", "sample_probs"]
+
+
+@torch.no_grad()
+def sample_probs(model, guide, batches: Iterable[dict], *, num_samples: int) -> torch.Tensor:
+    """Class probabilities per posterior draw: ``(num_samples, n, K)``, rows in batch order."""
+    if num_samples < 1:
+        raise ValueError(f"num_samples must be >= 1 for sampling, got {num_samples}")
+    predictive = Predictive(model, guide=guide, num_samples=num_samples, return_sites=["probs"])
+    chunks = [predictive(b["input_ids"], b["attention_mask"])["probs"].float().cpu() for b in batches]
+    return torch.cat(chunks, dim=1)
+
+
+@torch.no_grad()
+def posterior_mean_probs(model, guide, batches: Iterable[dict]) -> torch.Tensor:
+    """Class probabilities with every A at its posterior mean: ``(n, K)``."""
+    means = guide.posterior_mean()
+    chunks = []
+    for b in batches:
+        with poutine.block(), poutine.condition(data=means):
+            logits = model.class_logits(b["input_ids"], b["attention_mask"])
+        chunks.append(torch.softmax(logits, -1).float().cpu())
+    return torch.cat(chunks, dim=0)
+
+
+def predict_probs(model, guide, batches: Iterable[dict], *, num_samples: int) -> torch.Tensor:
+    """Averaged predictive ``(n, K)``: the posterior mean pass if ``num_samples == 0``, else the mean of N draws."""
+    batches = list(batches)
+    if num_samples == 0:
+        return posterior_mean_probs(model, guide, batches)
+    return sample_probs(model, guide, batches, num_samples=num_samples).mean(0)

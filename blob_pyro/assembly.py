@@ -1,0 +1,175 @@
+"""Build everything a run needs from a :class:`TrainConfig`: task, split, tokens, model, guide, objective.
+
+Each function does one step, so ``train``, ``evaluate`` and ``compare`` share them, and a researcher
+can call them one by one from Python.
+"""
+
+from __future__ import annotations
+
+import importlib.resources
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Optional
+
+import torch
+
+from blob_pyro.config import TrainConfig
+from blob_pyro.data import (
+    EncodedSplit, MultipleChoiceTask, Split, answer_token_ids, classification_text, encode_multiple_choice,
+    encode_text_classification, iterate_batches, load_bigbench, load_split_file, stratified_split,
+)
+from blob_pyro.guides import make_guide
+from blob_pyro.models import (
+    AnswerTokenHead, BayesianLoRAModel, SequenceClassificationHead, bayesianize, make_prior,
+)
+from blob_pyro.objectives import ELBOObjective, KLWeighting, ParityObjective
+from blob_pyro.schedules import kl_cycle_length
+
+__all__ = [
+    "resolve_task_path", "load_task", "make_split", "TaskData", "prepare_data", "resolve_device", "resolve_dtype",
+    "build_model", "build_guide", "build_objective", "batches", "training_batches",
+]
+
+BUNDLED_PREFIX = "bundled:"
+
+
+def resolve_task_path(task: str) -> Path:
+    """A task file path; ``bundled:<name>`` names a task shipped in ``blob_pyro/data/bundled``."""
+    if task.startswith(BUNDLED_PREFIX):
+        name = task[len(BUNDLED_PREFIX):]
+        path = Path(str(importlib.resources.files("blob_pyro.data") / "bundled" / f"{name}.json"))
+        if not path.exists():
+            raise FileNotFoundError(f"no bundled task {name!r}; bundled tasks: 'bundled:social_iqa'")
+        return path
+    path = Path(task)
+    if not path.exists():
+        raise FileNotFoundError(f"task file {task!r} does not exist; pass a BIG-bench JSON file or 'bundled:social_iqa'")
+    return path
+
+
+def load_task(cfg: TrainConfig) -> MultipleChoiceTask:
+    return load_bigbench(resolve_task_path(cfg.task), drop_mismatched_choices=cfg.drop_mismatched_choices)
+
+
+def make_split(cfg: TrainConfig, task: MultipleChoiceTask) -> Split:
+    """Positions into ``task.examples``: from ``--split-file`` or a seeded stratified split."""
+    if cfg.split_file:
+        return load_split_file(cfg.split_file, file_indices=task.file_indices)
+    return stratified_split(task.labels, num_train=cfg.num_train, num_validation=cfg.num_validation, seed=cfg.split_seed)
+
+
+@dataclass
+class TaskData:
+    """A task tokenized once: encoded train/validation splits and what the head needs."""
+
+    task: MultipleChoiceTask
+    split: Split
+    train: EncodedSplit
+    validation: EncodedSplit
+    pad_token_id: int
+    padding_side: str
+    answer_token_ids: Optional[list[int]] = None
+
+
+def encode_examples(cfg: TrainConfig, task: MultipleChoiceTask, tokenizer, examples) -> EncodedSplit:
+    if cfg.task_type == "causal_lm":
+        return encode_multiple_choice(examples, tokenizer, task_prefix=task.task_prefix, max_length=cfg.max_length)
+    if task.label_names is None:
+        raise ValueError(
+            f"task {task.name!r} has per-example choice texts; sequence classification needs fixed class labels "
+            "(e.g. strategyqa, winowhy, fever): use --task-type causal_lm for this task"
+        )
+    texts = [classification_text(e, task_prefix=task.task_prefix) for e in examples]
+    return encode_text_classification(texts, [e.label for e in examples], tokenizer, max_length=cfg.max_length)
+
+
+def prepare_data(cfg: TrainConfig, task: MultipleChoiceTask, split: Split, tokenizer) -> TaskData:
+    """Tokenize the train and validation examples once."""
+    pick = lambda idx: [task.examples[i] for i in idx]  # noqa: E731
+    train = encode_examples(cfg, task, tokenizer, pick(split.train))
+    validation = encode_examples(cfg, task, tokenizer, pick(split.validation))
+    ids = answer_token_ids(tokenizer, task.num_choices) if cfg.task_type == "causal_lm" else None
+    return TaskData(task, split, train, validation, tokenizer.pad_token_id, tokenizer.padding_side, ids)
+
+
+def resolve_device(spec: str) -> torch.device:
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(spec)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {spec} requested but CUDA is not available; use --device cpu or auto")
+    return device
+
+
+def resolve_dtype(spec: str, device: torch.device) -> torch.dtype:
+    if spec == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return getattr(torch, spec)
+
+
+def load_network(cfg: TrainConfig, num_classes: int, *, dtype: torch.dtype):
+    from blob_pyro import pretrained
+
+    if cfg.task_type == "causal_lm":
+        return pretrained.load_causal_lm(cfg.model, dtype=dtype)
+    return pretrained.load_sequence_classifier(cfg.model, num_labels=num_classes, dtype=dtype)
+
+
+def build_model(cfg: TrainConfig, network, data: TaskData) -> BayesianLoRAModel:
+    """Adapt ``network`` in place and wrap it with the task's likelihood head."""
+    prior_options = {"scale": cfg.prior_scale}
+    if cfg.prior == "student_t":
+        prior_options["df"] = cfg.prior_df
+    bayesianize(
+        network, cfg.target_module_spec, rank=cfg.rank, alpha=cfg.alpha, prior=make_prior(cfg.prior, **prior_options),
+        dropout=cfg.lora_dropout,
+    )
+    if cfg.task_type == "causal_lm":
+        head = AnswerTokenHead(data.answer_token_ids)
+    else:
+        head = SequenceClassificationHead(data.task.num_choices)
+    device = next(network.parameters()).device
+    return BayesianLoRAModel(network, head).to(device)
+
+
+def build_guide(cfg: TrainConfig, model: BayesianLoRAModel):
+    options = {"eps": cfg.eps} if cfg.guide == "blob" else {}
+    return make_guide(cfg.guide, model, **options)
+
+
+def build_objective(cfg: TrainConfig, model, guide, *, num_data: int):
+    cycle = kl_cycle_length(num_data, cfg.batch_size, dataset_rescaling=cfg.dataset_rescaling, gamma=cfg.gamma)
+    kl = KLWeighting(cfg.kl_schedule, cycle, cfg.kl_weight)
+    flipout = None if cfg.flipout == "none" else cfg.flipout
+    common = dict(
+        total_steps=cfg.max_steps, kl=kl, lr=cfg.lr, weight_decay=cfg.weight_decay, adam_eps=cfg.adam_eps,
+        warmup_ratio=cfg.warmup_ratio, max_grad_norm=cfg.max_grad_norm or None, flipout=flipout,
+    )
+    if cfg.objective == "parity":
+        return ParityObjective(model, guide, kllr=cfg.kllr, **common)
+    return ELBOObjective(model, guide, num_data=num_data, elbo=cfg.elbo, **common)
+
+
+def _to(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def batches(data: TaskData, encoded: EncodedSplit, *, batch_size: int, device: torch.device) -> list[dict]:
+    """Evaluation batches in order, dynamically padded, on ``device``."""
+    return [
+        _to(b, device)
+        for b in iterate_batches(
+            encoded, batch_size=batch_size, pad_token_id=data.pad_token_id, shuffle=False, padding_side=data.padding_side
+        )
+    ]
+
+
+def training_batches(data: TaskData, *, batch_size: int, seed: int, device: torch.device) -> Iterator[dict]:
+    """Endless shuffled training minibatches (a new permutation every epoch)."""
+    generator = torch.Generator().manual_seed(seed)
+    while True:
+        for b in iterate_batches(
+            data.train, batch_size=batch_size, pad_token_id=data.pad_token_id, shuffle=True, generator=generator,
+            padding_side=data.padding_side,
+        ):
+            yield _to(b, device)

@@ -1,0 +1,171 @@
+"""Typed run configuration; the command line is generated from it (every field is a flag with help).
+
+``TrainConfig.from_argv(argv)`` parses ``--field-name value`` flags; ``--help`` lists every field with
+its help text and default. Validation happens in ``__post_init__`` so a bad value fails before any
+model is loaded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+__all__ = ["TrainConfig", "config_parser", "DEFAULT_TASK"]
+
+DEFAULT_TASK = "bundled:social_iqa"
+
+
+def _f(default, help: str, choices: Optional[Sequence[Any]] = None):
+    return field(default=default, metadata={"help": help, "choices": choices})
+
+
+@dataclass
+class TrainConfig:
+    """Everything a run depends on; written to ``<output_dir>/config.json``."""
+
+    # What to fine-tune on what
+    model: str = _f("smollm2", "pretrained model: 'smollm2' (offline SmolLM2-135M-Instruct package), 'minilm' (offline all-MiniLM-L6-v2), a local directory, or a Hugging Face hub id")
+    task: str = _f(DEFAULT_TASK, "task: a BIG-bench multiple-choice JSON file, or 'bundled:social_iqa' (shipped with the package)")
+    task_type: str = _f("causal_lm", "likelihood head: 'causal_lm' (answer-letter logits at the last position) or 'sequence_classification' (BERT-style)", ["causal_lm", "sequence_classification"])
+    drop_mismatched_choices: bool = _f(True, "drop examples whose number of choices differs from the task's most common count (social_iqa has 4 such)")
+    num_train: int = _f(640, "training examples in the seeded stratified split")
+    num_validation: int = _f(200, "validation examples in the seeded stratified split")
+    split_seed: int = _f(0, "seed of the stratified train/validation split")
+    split_file: Optional[str] = _f(None, "JSON split file with 'train'/'validation' index lists (overrides num_train/num_validation/split_seed)")
+    max_length: int = _f(256, "maximum prompt length in tokens (the question is truncated from the left)")
+
+    # Adapter and prior
+    target_modules: str = _f("q_proj,v_proj,lm_head", "comma-separated Linear-layer names or suffixes to adapt, or 're:<regex>' for a full-match regex")
+    rank: int = _f(8, "LoRA rank r")
+    alpha: float = _f(16.0, "LoRA alpha (update scaled by alpha / r)")
+    lora_dropout: float = _f(0.0, "LoRA dropout on the adapter input")
+    prior: str = _f("normal", "prior over LoRA A: normal, laplace, student_t", ["normal", "laplace", "student_t"])
+    prior_scale: float = _f(0.2, "prior scale (BLoB: 0.2)")
+    prior_df: float = _f(3.0, "degrees of freedom of the student_t prior")
+
+    # Variational family and objective
+    guide: str = _f("blob", "variational family: blob (Bayesian A, deterministic B) or mle (plain LoRA)")
+    eps: float = _f(0.05, "BLoB: initial G ~ U(eps/sqrt(2), eps), std = G^2")
+    objective: str = _f("elbo", "elbo: textbook ELBO through pyro SVI; parity: the official BLoB update rule (AdamW on NLL + SGD on pi*KL)", ["elbo", "parity"])
+    elbo: str = _f("trace", "ELBO estimator for --objective elbo: trace (Trace_ELBO, MC KL) or meanfield (TraceMeanField_ELBO, closed-form KL)", ["trace", "meanfield"])
+    kl_schedule: str = _f("constant", "KL re-weighting: constant, blob (official, increasing 2^i/(2^(M+1)-1)) or blundell (decreasing)", ["constant", "blob", "blundell"])
+    kl_weight: float = _f(1.0, "constant multiplier on the KL term (elbo: in per-dataset ELBO units; parity: on pi_i*KL)")
+    dataset_rescaling: bool = _f(False, "BLoB dataset rescaling of the cycle length: M = int(100 N^(pi/gamma) / b)")
+    gamma: float = _f(8.0, "gamma of the dataset-rescaling formula")
+    kllr: float = _f(0.01, "parity objective: SGD learning rate of the KL step (LLaMA 0.01, RoBERTa 0.002)")
+    flipout: str = _f("none", "flipout on A during training: none, token (official per-token signs) or sequence (exactly unbiased per example)", ["none", "token", "sequence"])
+
+    # Optimisation
+    max_steps: int = _f(300, "training steps (minibatches)")
+    batch_size: int = _f(4, "training minibatch size")
+    lr: float = _f(5e-4, "AdamW learning rate (peak, after warm-up)")
+    weight_decay: float = _f(0.0, "AdamW weight decay")
+    adam_eps: float = _f(1e-6, "AdamW epsilon")
+    warmup_ratio: float = _f(0.06, "fraction of steps of linear LR warm-up (then linear decay to 0)")
+    max_grad_norm: float = _f(1.0, "global gradient-norm clipping (0 disables)")
+    seed: int = _f(1, "seed of initialisation, batching, sampling")
+    log_every: int = _f(20, "log training loss every this many steps")
+
+    # Evaluation and output
+    eval_samples: int = _f(10, "posterior samples N for the predictive (0: posterior mean only)")
+    eval_batch_size: int = _f(16, "evaluation batch size")
+    zero_shot: bool = _f(True, "also evaluate the base model (B = 0) before training")
+    output_dir: str = _f("runs/default", "run directory: config, split, adapter/guide safetensors, metrics.json")
+    overwrite: bool = _f(False, "allow writing into an output directory that already holds a finished run")
+    device: str = _f("auto", "auto (cuda if available), cpu or cuda[:i]")
+    base_dtype: str = _f("auto", "dtype of the frozen base model: auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16, float16", ["auto", "float32", "bfloat16", "float16"])
+
+    def __post_init__(self):
+        positive_ints = ["num_train", "num_validation", "max_length", "rank", "max_steps", "batch_size", "eval_batch_size", "log_every"]
+        for name in positive_ints:
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"--{_flag(name)} must be a positive integer, got {value!r}")
+        positive = ["alpha", "prior_scale", "prior_df", "eps", "lr", "kllr", "gamma", "adam_eps"]
+        for name in positive:
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+                raise ValueError(f"--{_flag(name)} must be a finite positive number, got {value!r}")
+        for name in ["weight_decay", "max_grad_norm", "kl_weight"]:
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise ValueError(f"--{_flag(name)} must be a finite number >= 0, got {value!r}")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ValueError(f"--lora-dropout must be in [0, 1), got {self.lora_dropout}")
+        if not 0.0 <= self.warmup_ratio < 1.0:
+            raise ValueError(f"--warmup-ratio must be in [0, 1), got {self.warmup_ratio}")
+        if self.eval_samples < 0:
+            raise ValueError(f"--eval-samples must be >= 0 (0 = posterior mean only), got {self.eval_samples}")
+        for f in dataclasses.fields(self):
+            choices = f.metadata.get("choices")
+            if choices and getattr(self, f.name) not in choices:
+                raise ValueError(f"--{_flag(f.name)} must be one of {list(choices)}, got {getattr(self, f.name)!r}")
+        if self.objective == "parity" and self.guide != "blob":
+            raise ValueError("--objective parity reproduces BLoB's update rule and needs --guide blob")
+        if self.flipout != "none" and self.guide != "blob":
+            raise ValueError(f"--flipout needs --guide blob (it perturbs around the guide mean), got --guide {self.guide}")
+        if not self.target_modules.strip():
+            raise ValueError("--target-modules is empty; e.g. q_proj,v_proj,lm_head")
+
+    @property
+    def target_module_spec(self):
+        """``target_modules`` as ``bayesianize`` takes it: a regex string or a list of names."""
+        if self.target_modules.startswith("re:"):
+            return self.target_modules[3:]
+        return [name.strip() for name in self.target_modules.split(",") if name.strip()]
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def save(self, path: Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
+
+    @classmethod
+    def load(cls, path: Path) -> "TrainConfig":
+        try:
+            data = json.loads(Path(path).read_text())
+        except (OSError, json.JSONDecodeError) as err:
+            raise ValueError(f"cannot read run config {path}: {err}") from err
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"{path}: unknown config fields {unknown}; was it written by another version?")
+        return cls(**data)
+
+    @classmethod
+    def from_argv(cls, argv: Optional[Sequence[str]] = None, *, prog: str = "python -m blob_pyro.train") -> "TrainConfig":
+        args = config_parser(cls, prog=prog).parse_args(argv)
+        try:
+            return cls(**vars(args))
+        except ValueError as err:
+            raise SystemExit(f"{prog}: error: {err}") from None
+
+
+def _flag(name: str) -> str:
+    return name.replace("_", "-")
+
+
+def config_parser(cls, *, prog: str, description: Optional[str] = None) -> argparse.ArgumentParser:
+    """An ``argparse`` parser with one ``--flag`` per dataclass field (bools get ``--no-flag`` too)."""
+    parser = argparse.ArgumentParser(
+        prog=prog, description=description or cls.__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        hint = hints[f.name]
+        kind = next((a for a in typing.get_args(hint) if a is not type(None)), hint)  # Optional[X] -> X
+        kwargs: dict[str, Any] = {"default": f.default, "help": f.metadata.get("help", ""), "dest": f.name}
+        if kind is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        else:
+            kwargs["type"] = kind
+            if f.metadata.get("choices"):
+                kwargs["choices"] = f.metadata["choices"]
+        parser.add_argument(f"--{_flag(f.name)}", **kwargs)
+    return parser

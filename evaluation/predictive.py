@@ -23,7 +23,10 @@ def sample_probs(model, guide, batches: Iterable[dict], *, num_samples: int) -> 
     if num_samples < 1:
         raise ValueError(f"num_samples must be >= 1 for sampling, got {num_samples}")
     predictive = Predictive(model, guide=guide, num_samples=num_samples, return_sites=["probs"])
-    chunks = [predictive(b["input_ids"], b["attention_mask"])["probs"].float().cpu() for b in batches]
+    chunks = []
+    for b in batches:
+        probs = predictive(b["input_ids"], b["attention_mask"])["probs"]
+        chunks.append(probs.reshape(num_samples, *probs.shape[-2:]).float().cpu())  # drop Predictive's extra dims
     return torch.cat(chunks, dim=1)
 
 

@@ -31,7 +31,13 @@ class TrainConfig:
 
     # What to fine-tune on what
     model: str = _f("smollm2", "pretrained model: 'smollm2' (offline SmolLM2-135M-Instruct package), 'minilm' (offline all-MiniLM-L6-v2), a local directory, or a Hugging Face hub id")
-    task: str = _f(DEFAULT_TASK, "task: a BIG-bench multiple-choice JSON file, or 'bundled:social_iqa' (shipped with the package)")
+    task: str = _f(DEFAULT_TASK, "task: a BIG-bench multiple-choice JSON file, 'bundled:social_iqa' (shipped with the package), 'paper:<name>' (the BLoB paper's tasks: winogrande_s, winogrande_m, arc_challenge, arc_easy, openbookqa, boolq; hub or --data-dir) or a .jsonl/.json/.csv/.parquet table (see --column-mapping)")
+    task_format: str = _f("auto", "how to read a task file: auto (BIG-bench for a .json object, else a table by suffix), bigbench, json (rows or JSON lines), csv, parquet", ["auto", "bigbench", "json", "csv", "parquet"])
+    column_mapping: Optional[str] = _f(None, "table columns, comma-separated key=column: question (or text), choices (a list column, or col1|col2|... one choice each), label (0-based index, letter A.. or choice text), label_names (class1|class2 for text classification); e.g. 'question=sentence,choices=option1|option2,label=answer'. Default: columns question/text, choices, label")
+    data_dir: Optional[str] = _f(None, "folder of local files in the hub schema for paper:<name> tasks (<data_dir>/<name>/<split>.jsonl|.parquet|...); unset: datasets.load_dataset from the Hugging Face hub")
+    subsample_task_splits: bool = _f(False, "for tasks with their own splits (paper:<name>): draw --num-train/--num-validation examples from them (seeded, stratified) instead of using them whole")
+    eval_tasks: str = _f("", "comma-separated tasks (same forms as --task) evaluated after training without training on them (OOD protocol); one block per task under 'ood' in metrics.json")
+    eval_task_size: int = _f(200, "examples evaluated per --eval-tasks task: a seeded stratified sample of its evaluation split (the whole file for tasks without splits); 0 = all")
     task_type: str = _f("causal_lm", "likelihood head: 'causal_lm' (answer-letter logits at the last position) or 'sequence_classification' (BERT-style)", ["causal_lm", "sequence_classification"])
     drop_mismatched_choices: bool = _f(True, "drop examples whose number of choices differs from the task's most common count (social_iqa has 4 such)")
     num_train: int = _f(640, "training examples in the seeded stratified split")
@@ -45,12 +51,25 @@ class TrainConfig:
     rank: int = _f(8, "LoRA rank r")
     alpha: float = _f(16.0, "LoRA alpha (update scaled by alpha / r)")
     lora_dropout: float = _f(0.0, "LoRA dropout on the adapter input")
-    prior: str = _f("normal", "prior over LoRA A: normal, laplace, student_t", ["normal", "laplace", "student_t"])
+    prior: str = _f("normal", "prior over LoRA A: normal, laplace, student_t, or hierarchical (normal whose scale is learned by empirical Bayes, starting at --prior-scale)", ["normal", "laplace", "student_t", "hierarchical"])
     prior_scale: float = _f(0.2, "prior scale (BLoB: 0.2)")
     prior_df: float = _f(3.0, "degrees of freedom of the student_t prior")
 
     # Variational family and objective
-    guide: str = _f("blob", "variational family: blob (Bayesian A, deterministic B) or mle (plain LoRA)")
+    guide: str = _f("blob", "variational family: blob (Bayesian A, deterministic B), meanfield (Bayesian A and B, 'BBB'), map (point estimate with the prior), mle (plain LoRA), normal (AutoNormal over A), lowrank (AutoLowRankMultivariateNormal over A), or any autoguide as 'module:Class' (e.g. pyro.infer.autoguide:AutoDiagonalNormal)")
+    bayesian_sites: Optional[str] = _f(None, "regex (re.search) of the LoRA-A sites the guide covers, e.g. 'lm_head'; the other adapters are deterministic plain-LoRA layers (no prior term). Unset: all")
+    guide_rank: int = _f(8, "lowrank guide: rank of the covariance factor")
+    init_scale: float = _f(0.0025, "normal/lowrank guides: initial posterior scale (BLoB's initial std is eps^2 = 0.0025)")
+    method: str = _f("svi", "svi: train the --guide by SVI. Baselines (blob_pyro.baselines): mc_dropout (LoRA dropout kept on at test, --eval-samples passes; needs --lora-dropout > 0), ensemble (--ensemble-size runs of --guide with seeds seed, seed+1000, ...; probabilities averaged), laplace (post-hoc Laplace over the LoRA parameters of a --guide map/mle run), tfb (training-free Bayesianization of a --guide map/mle run)", ["svi", "mc_dropout", "ensemble", "laplace", "tfb"])
+    ensemble_size: int = _f(3, "ensemble: number of independently seeded members")
+    laplace_hessian: str = _f("diag", "laplace: curvature of the LoRA parameters: diag (diagonal GGN; exact for the categorical likelihood, K backward passes per example) or diag_ef (empirical Fisher, one per example)", ["diag", "diag_ef"])
+    laplace_prior_precision: float = _f(0.0, "laplace: prior precision of the LoRA parameters; 0 = tune it by maximising the Laplace marginal likelihood")
+    laplace_predictive: str = _f("mc", "laplace: mc (average the softmax over --eval-samples parameter draws) or probit (linearised predictive of the lm logits via the probit approximation, diagonal-covariance Jacobian pass)", ["mc", "probit"])
+    laplace_examples: int = _f(0, "laplace: training examples used for the curvature (0 = all)")
+    tfb_anchor_size: int = _f(64, "tfb: training examples in the anchor set of the variance search")
+    tfb_nll_tolerance: float = _f(0.01, "tfb: largest allowed increase of the anchor NLL (nats per example) over the point estimate's")
+    tfb_search_steps: int = _f(10, "tfb: bisection steps of the log-std search")
+    tfb_max_std: float = _f(0.1, "tfb: upper end of the std search interval")
     eps: float = _f(0.05, "BLoB: initial G ~ U(eps/sqrt(2), eps), std = G^2")
     objective: str = _f("elbo", "elbo: textbook ELBO through pyro SVI; parity: the official BLoB update rule (AdamW on NLL + SGD on pi*KL)", ["elbo", "parity"])
     elbo: str = _f("trace", "ELBO estimator for --objective elbo: trace (Trace_ELBO, MC KL) or meanfield (TraceMeanField_ELBO, closed-form KL)", ["trace", "meanfield"])
@@ -110,8 +129,44 @@ class TrainConfig:
             raise ValueError("--objective parity reproduces BLoB's update rule and needs --guide blob")
         if self.flipout != "none" and self.guide != "blob":
             raise ValueError(f"--flipout needs --guide blob (it perturbs around the guide mean), got --guide {self.guide}")
+        if self.eval_task_size < 0:
+            raise ValueError(f"--eval-task-size must be >= 0 (0 = every example), got {self.eval_task_size}")
+        if self.column_mapping:
+            from blob_pyro.data.tabular import ColumnMapping
+
+            ColumnMapping.parse(self.column_mapping)  # raises with the fix on a malformed mapping
+        for spec in [self.task, *self.eval_task_specs]:
+            if spec.startswith("paper:"):
+                from blob_pyro.data.paper_tasks import paper_task
+
+                paper_task(spec[len("paper:"):])  # raises listing the paper tasks
+        from blob_pyro.guides import GUIDES  # late import: the registry may grow after this module loads
+
+        if self.guide not in GUIDES:
+            raise ValueError(f"unknown guide {self.guide!r}; valid names: {sorted(GUIDES)}")
         if not self.target_modules.strip():
             raise ValueError("--target-modules is empty; e.g. q_proj,v_proj,lm_head")
+        for name in ["guide_rank", "ensemble_size", "tfb_anchor_size", "tfb_search_steps"]:
+            if not (isinstance(getattr(self, name), int) and getattr(self, name) >= 1):
+                raise ValueError(f"--{_flag(name)} must be a positive integer, got {getattr(self, name)!r}")
+        for name in ["init_scale", "tfb_nll_tolerance", "tfb_max_std"]:
+            if not (math.isfinite(getattr(self, name)) and getattr(self, name) > 0):
+                raise ValueError(f"--{_flag(name)} must be a finite positive number, got {getattr(self, name)!r}")
+        if not (math.isfinite(self.laplace_prior_precision) and self.laplace_prior_precision >= 0):
+            raise ValueError(f"--laplace-prior-precision must be >= 0 (0 = marginal likelihood), got {self.laplace_prior_precision}")
+        if self.laplace_examples < 0:
+            raise ValueError(f"--laplace-examples must be >= 0 (0 = all training examples), got {self.laplace_examples}")
+        if self.method in ("laplace", "tfb") and self.guide not in ("map", "mle"):
+            raise ValueError(f"--method {self.method} is post-hoc on a point estimate: use --guide map or mle, got --guide {self.guide}")
+        if self.method == "mc_dropout" and self.lora_dropout == 0:
+            raise ValueError("--method mc_dropout needs dropout to sample from: pass --lora-dropout 0.1 (the paper's value)")
+        if self.objective == "parity" and (self.bayesian_sites or self.prior == "hierarchical"):
+            raise ValueError("--objective parity supports neither --bayesian-sites nor --prior hierarchical; use --objective elbo")
+
+    @property
+    def eval_task_specs(self) -> list:
+        """``eval_tasks`` as a list of task specs (empty when unset)."""
+        return [spec.strip() for spec in self.eval_tasks.split(",") if spec.strip()]
 
     @property
     def target_module_spec(self):

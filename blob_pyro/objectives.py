@@ -110,7 +110,7 @@ class ELBOObjective:
         self.model, self.guide, self.num_data, self.kl, self.flipout = model, guide, num_data, kl, flipout
         self.optim = adamw_with_schedule(
             lr=lr, lr_factor=linear_warmup_decay(total_steps, warmup_ratio), weight_decay=weight_decay,
-            eps=adam_eps, max_grad_norm=max_grad_norm,
+            eps=adam_eps, max_grad_norm=max_grad_norm, loss_scale=num_data,
         )
         self.svi = SVI(model, guide, self.optim, make_elbo(elbo))
 
@@ -123,7 +123,7 @@ class ELBOObjective:
         self.optim.step()
         if not math.isfinite(loss):
             raise FloatingPointError(f"the ELBO loss is {loss} at step {step}; lower --lr or check the data")
-        return {"loss": loss, "kl_weight": weight, "grad_norm": self.optim.last_grad_norm}
+        return {"loss": loss, "kl_weight": weight, "grad_norm_per_example": self.optim.last_grad_norm}
 
 
 class ParityObjective:
@@ -162,6 +162,10 @@ class ParityObjective:
         pi = self.kl.multiplier * self.kl.pi(step)
         with poutine.block():
             nll = self.negative_log_likelihood(batch)
+            if not torch.isfinite(nll):
+                raise FloatingPointError(
+                    f"the NLL is {float(nll)} at step {step}: parameters were left unchanged; lower --lr or check the data"
+                )
             nll.backward()
             if self.max_grad_norm is not None:
                 torch.nn.utils.clip_grad_norm_(self.adamw.param_groups[0]["params"], self.max_grad_norm)

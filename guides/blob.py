@@ -29,22 +29,26 @@ class BLoBGuide(LoRAGuide):
     """:param model: a :class:`~blob_pyro.models.BayesianLoRAModel`.
     :param eps: initial scale of G (G ~ U(eps / sqrt(2), eps)); 0.05 in the paper.
     :param init_loc_fn: ``layer -> (rank, in_features)`` initial mean of A.
+    :param sites: regex of the A sites to make Bayesian (None: all); the rest are deterministic.
     """
 
     provides_flipout_loc = True
 
-    def __init__(self, model, *, eps: float = 0.05, init_loc_fn=init_to_lora):
+    def __init__(self, model, *, eps: float = 0.05, init_loc_fn=init_to_lora, sites=None):
         if not (isinstance(eps, (int, float)) and math.isfinite(eps) and eps > 0):
             raise ValueError(f"BLoB eps must be a finite positive number (paper: 0.05), got {eps!r}")
-        super().__init__(model)
+        super().__init__(model, sites=sites, init_loc_fn=init_loc_fn)
         self.eps = float(eps)
         self.locs = self._new_container()
         self.std_roots = self._new_container()
         for site in self.site_names:
             loc = init_loc_fn(self._adapter(site)).detach().clone()
-            root = torch.empty_like(loc).uniform_(self.eps / math.sqrt(2.0), self.eps)
-            self._set_site_param(self.locs, site, PyroParam(loc))
-            self._set_site_param(self.std_roots, site, PyroParam(root))
+            self._add_gaussian(site, loc)
+
+    def _add_gaussian(self, site: str, loc: torch.Tensor) -> None:
+        root = torch.empty_like(loc).uniform_(self.eps / math.sqrt(2.0), self.eps)
+        self._set_site_param(self.locs, site, PyroParam(loc))
+        self._set_site_param(self.std_roots, site, PyroParam(root))
 
     def loc(self, site: str) -> torch.Tensor:
         """M for ``site``: ``(rank, in_features)``."""
@@ -56,7 +60,7 @@ class BLoBGuide(LoRAGuide):
         return root * root
 
     def forward(self, *args, kl_weight: float = 1.0, flipout=None, **kwargs):
-        draws = {}
+        draws = self.sample_fixed_sites()
         with kl_weight_handler(kl_weight):
             for site in self.site_names:
                 loc = self.loc(site)
@@ -66,4 +70,4 @@ class BLoBGuide(LoRAGuide):
         return draws
 
     def posterior_mean(self):
-        return {site: self.loc(site).detach() for site in self.site_names}
+        return {**self.fixed_site_values(), **{site: self.loc(site).detach() for site in self.site_names}}

@@ -4,10 +4,10 @@ from .adapt import bayesianize, find_adapters, linear_layer_names, match_target_
 from .bayesian_model import BayesianLoRAModel
 from .heads import AnswerTokenHead, SequenceClassificationHead
 from .lora import BayesianLoRALinear, lora_init_A
-from .priors import PRIORS, LaplacePrior, NormalPrior, Prior, StudentTPrior, make_prior
+from .priors import PRIORS, HierarchicalNormalPrior, LaplacePrior, NormalPrior, Prior, StudentTPrior, make_prior
 
 __all__ = [
     "bayesianize", "find_adapters", "linear_layer_names", "match_target_modules", "BayesianLoRAModel",
     "AnswerTokenHead", "SequenceClassificationHead", "BayesianLoRALinear", "lora_init_A",
-    "PRIORS", "Prior", "NormalPrior", "LaplacePrior", "StudentTPrior", "make_prior",
+    "PRIORS", "Prior", "NormalPrior", "LaplacePrior", "StudentTPrior", "HierarchicalNormalPrior", "make_prior",
 ]

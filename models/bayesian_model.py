@@ -12,8 +12,7 @@ once: the textbook per-dataset ELBO. A KL weight (``kl_weight``) scales the A si
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-from typing import Iterator, Optional
+from typing import Optional
 
 import pyro
 import pyro.distributions as dist
@@ -75,23 +74,22 @@ class BayesianLoRAModel(nn.Module):
         with kl_weight_handler(kl_weight):
             return {site: layer.sample_A() for site, layer in self.adapters.items()}
 
-    @contextmanager
-    def lora_draws(self, draws: dict[str, torch.Tensor], *, flipout: Optional[str] = None) -> Iterator[None]:
-        """Hand one draw of every A to the adapters for the duration of a forward pass."""
-        adapters = self.adapters
-        try:
-            for site, layer in adapters.items():
-                layer.set_transient(active_A=draws[site], flipout=flipout)
-            yield
-        finally:
-            for layer in adapters.values():
-                layer.set_transient(active_A=None, flipout=None, flipout_loc=None)
+    def set_lora_draws(self, draws: dict[str, torch.Tensor], *, flipout: Optional[str] = None) -> None:
+        """Hand one draw of every A (and the current B) to the adapters for the next forward pass.
+
+        The draws stay on the adapters after the pass: a checkpointed backward recomputes the forward
+        with exactly these tensors (reading the ``PyroSample`` again would re-draw A; PYRO_NOTES.md).
+        The next model call replaces them.
+        """
+        for site, layer in self.adapters.items():
+            layer.set_transient(active_A=draws[site], active_B=layer.read_B(), flipout=flipout)
+            if flipout is None:
+                layer.set_transient(flipout_loc=None)
 
     def class_logits(self, input_ids, attention_mask, *, kl_weight: float = 1.0, flipout: Optional[str] = None):
         """Draw A, run the network, return class logits ``(batch, K)``."""
-        draws = self.draw_lora_factors(kl_weight)
-        with self.lora_draws(draws, flipout=flipout):
-            return self.head(self.network, input_ids, attention_mask)
+        self.set_lora_draws(self.draw_lora_factors(kl_weight), flipout=flipout)
+        return self.head(self.network, input_ids, attention_mask)
 
     def forward(
         self,

@@ -16,7 +16,11 @@ forward pass (PYRO_NOTES.md, "Devices, dtypes, compile").
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
 from typing import Optional
+
+import pyro
+from pyro import poutine
 
 import torch
 from pyro.nn import PyroModule, PyroSample
@@ -87,15 +91,20 @@ class BayesianLoRALinear(PyroModule):
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, dtype=adapter_dtype, device=device))
         self.prior = prior
         self.lora_A = PyroSample(lambda layer: layer.prior.site_distribution(layer._zeros_like_A()))
-        # Transient state, set for the duration of one model call (BayesianLoRAModel.lora_draws and a
+        # Transient state, set by each model call (BayesianLoRAModel.set_lora_draws) and by a
         # flipout-capable guide); stored outside nn.Module's registries so that a tensor that happens
         # to be a guide's nn.Parameter is never registered as a parameter of this layer.
-        self.set_transient(active_A=None, flipout=None, flipout_loc=None)
+        self.set_transient(active_A=None, active_B=None, flipout=None, flipout_loc=None)
+        # Options a guide sets (set_guide_options); the defaults are the BLoB layer.
+        self.bayesian_B = False
+        self.prior_scored = True
+        object.__setattr__(self, "_B_draw", None)
 
     def set_transient(self, **values) -> None:
-        """Set per-call state: ``active_A`` (the draw of A), ``flipout`` (mode), ``flipout_loc`` (M)."""
+        """Set per-call state: ``active_A``/``active_B`` (the factors of this call), ``flipout`` (mode),
+        ``flipout_loc`` (M)."""
         for key, value in values.items():
-            if key not in ("active_A", "flipout", "flipout_loc"):
+            if key not in ("active_A", "active_B", "flipout", "flipout_loc"):
                 raise AttributeError(f"unknown transient adapter state {key!r}")
             object.__setattr__(self, key, value)
 
@@ -113,8 +122,42 @@ class BayesianLoRALinear(PyroModule):
 
         Returns a ``(rank, in_features)`` tensor; this is the one ``pyro.sample`` statement of the layer.
         """
+        with self._pyro_context, (nullcontext() if self.prior_scored else poutine.mask(mask=False)):
+            A = self.lora_A
+            if self.bayesian_B:  # the mean-field ("BBB") family: B is a sample site too, drawn with A
+                B = pyro.sample(self.site_name_B, self.prior.site_distribution(self._zeros_like_B()))
+                object.__setattr__(self, "_B_draw", B)
+            return A
+
+    def set_guide_options(self, *, bayesian_B: bool = False, prior_scored: bool = True) -> None:
+        """Options a guide sets when it is built (the defaults are the BLoB layer).
+
+        ``bayesian_B=True``: B becomes a sample site ``<module path>.lora_B`` with the layer's prior, drawn
+        in :meth:`sample_A` (the ``lora_B`` parameter is then unused). ``prior_scored=False``: this
+        layer's sites are masked (no prior term): a deterministic layer in a partly Bayesian model.
+        """
+        self.bayesian_B = bool(bayesian_B)
+        self.prior_scored = bool(prior_scored)
+        object.__setattr__(self, "_B_draw", None)
+
+    @property
+    def site_name_B(self) -> str:
+        """The sample-site name of B when ``bayesian_B``, e.g. ``model.layers.0.self_attn.q_proj.lora_B``."""
+        return f"{self._pyro_name}.lora_B"
+
+    def _zeros_like_B(self) -> torch.Tensor:
+        return torch.zeros_like(self._parameters["lora_B"])
+
+    def read_B(self) -> torch.Tensor:
+        """B as the Pyro ``param`` site the optimiser trains: ``(out_features, rank)``.
+
+        Read once at the top of the model, like A, so that a checkpointed forward recomputes the
+        same graph (inside a Pyro context the parameter passes through ``pyro.param``).
+        """
+        if self.bayesian_B and self._B_draw is not None:  # drawn with A in sample_A
+            return self._B_draw
         with self._pyro_context:
-            return self.lora_A
+            return self.lora_B
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # The base layer is read from _modules directly: PyroModule.__getattr__ would otherwise
@@ -122,7 +165,7 @@ class BayesianLoRALinear(PyroModule):
         base_layer = self._modules["base_layer"]
         result = base_layer(x)
         A = self.active_A if self.active_A is not None else self.lora_A
-        B = self.lora_B
+        B = self.active_B if self.active_B is not None else self.lora_B
         h = self._modules["lora_dropout"](x.to(B.dtype))
         if self.flipout is None:
             low = h @ A.transpose(-1, -2)

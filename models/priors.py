@@ -14,10 +14,12 @@ import math
 from dataclasses import dataclass
 from typing import Callable
 
+import pyro
 import pyro.distributions as dist
 import torch
+from torch.distributions import constraints
 
-__all__ = ["Prior", "NormalPrior", "LaplacePrior", "StudentTPrior", "PRIORS", "make_prior"]
+__all__ = ["Prior", "NormalPrior", "LaplacePrior", "StudentTPrior", "HierarchicalNormalPrior", "PRIORS", "make_prior"]
 
 
 class Prior:
@@ -80,6 +82,32 @@ class StudentTPrior(Prior):
         return dist.StudentT(zeros + self.df, zeros, zeros + self.scale)
 
 
+@dataclass
+class HierarchicalNormalPrior(Prior):
+    """``N(0, s^2)`` with the scale ``s`` learned by empirical Bayes (type-II maximum likelihood).
+
+    ``s`` is a positive ``pyro.param`` named ``param_name``, initialised at ``scale`` and shared by every
+    factor under this prior; SVI maximises the ELBO over it together with the guide. With a Gaussian
+    guide the optimum is ``s^2 = mean over elements of (M^2 + sigma^2)`` (closed form, tested). With a
+    point-estimate guide (MAP) the optimum collapses to ``s -> 0`` together with A: use it with a
+    distributional guide. Not usable with ``--objective parity`` (its optimisers do not see ``s``).
+    """
+
+    scale: float = 0.2
+    param_name: str = "prior.scale"
+
+    def __post_init__(self):
+        _check_positive("scale", self.scale)
+
+    def learned_scale(self) -> torch.Tensor:
+        """The current ``s`` (created at its initial value on first use)."""
+        return pyro.param(self.param_name, lambda: torch.tensor(float(self.scale)), constraint=constraints.positive)
+
+    def distribution(self, like):
+        zeros = torch.zeros_like(like)
+        return dist.Normal(zeros, zeros + self.learned_scale().to(like))
+
+
 def _check_positive(name: str, value: float) -> None:
     if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
         raise ValueError(f"prior {name} must be a finite positive number, got {value!r}")
@@ -89,6 +117,7 @@ PRIORS: dict[str, Callable[..., Prior]] = {
     "normal": NormalPrior,
     "laplace": LaplacePrior,
     "student_t": StudentTPrior,
+    "hierarchical": HierarchicalNormalPrior,
 }
 
 

@@ -2,6 +2,9 @@ import pyro
 import pytest
 import torch
 
+# Unit tests use tiny models: one thread avoids oversubscribing the (shared, 2-core) CPU.
+torch.set_num_threads(1)
+
 
 @pytest.fixture(autouse=True)
 def fresh_pyro_state():
@@ -51,3 +54,39 @@ def byte_tokenizer():
     from transformers import ByT5Tokenizer
 
     return ByT5Tokenizer()
+
+
+# --- A tiny saved causal LM and BIG-bench task for CLI tests (no downloads, < 1 s) -------------
+
+
+def write_bigbench_task(path, *, num_examples: int = 40, num_choices: int = 3, seed: int = 0):
+    """A synthetic BIG-bench multiple-choice file; the question names the colour of the right choice."""
+    import json
+    import random
+
+    rng = random.Random(seed)
+    colours = ["red", "blue", "green", "black", "white", "pink", "grey"][:num_choices]
+    examples = []
+    for _ in range(num_examples):
+        answer = rng.randrange(num_choices)
+        choices = {f"the {c} one": int(i == answer) for i, c in enumerate(colours)}
+        examples.append({"input": f"Which one is {colours[answer]}?", "target_scores": choices})
+    path.write_text(json.dumps({"name": "colours", "canary": "synthetic test data", "examples": examples}))
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_causal_lm_dir(tmp_path_factory, tiny_bpe_tokenizer):
+    """A random 2-layer Llama saved with its tokenizer, usable as ``--model <dir>``."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    directory = tmp_path_factory.mktemp("tiny_llama")
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tiny_bpe_tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=128,
+        pad_token_id=tiny_bpe_tokenizer.pad_token_id,
+    )
+    LlamaForCausalLM(config).save_pretrained(directory)
+    tiny_bpe_tokenizer.save_pretrained(directory)
+    return directory

@@ -1,0 +1,88 @@
+"""Any ``pyro.infer.autoguide`` class over the LoRA-A sites: ``AutoGuideAdapter(model, AutoNormal, ...)``.
+
+The wrapped autoguide sees a *prior-only* model that draws the covered A sites and nothing else, so its
+prototype trace is built eagerly here (no batch needed: ``load_state_dict`` works before the first call
+and ``Predictive`` without labels works; PYRO_NOTES.md, "Guides"). A's init is the LoRA init
+(``init_to_lora``), not Pyro's ``init_to_feasible`` (A = 0 would give B a zero gradient at B = 0).
+
+The KL weight scales the autoguide's sites (auxiliary latents included) exactly as the model's A sites.
+Note: AutoNormal-style guides put a Delta at the model site, so ``TraceMeanField_ELBO`` falls back to a
+Monte Carlo KL for them (PYRO_NOTES.md).
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+
+import torch
+from pyro.infer.autoguide import AutoDelta, AutoGuide
+from pyro.infer.autoguide.initialization import init_to_feasible
+
+from blob_pyro.models.bayesian_model import kl_weight_handler
+
+from .base import LoRAGuide, init_to_lora
+
+__all__ = ["AutoGuideAdapter", "resolve_autoguide_class"]
+
+
+def resolve_autoguide_class(path: str) -> type:
+    """``"module:Class"`` (e.g. ``pyro.infer.autoguide:AutoLaplaceApproximation``) -> the class.
+
+    :raises ValueError: when the module or class does not exist or is not an ``AutoGuide`` subclass.
+    """
+    module_name, _, class_name = path.partition(":")
+    if not module_name or not class_name:
+        raise ValueError(f"guide import path {path!r} must look like 'module:Class', e.g. 'pyro.infer.autoguide:AutoNormal'")
+    try:
+        cls = getattr(importlib.import_module(module_name), class_name)
+    except (ImportError, AttributeError) as err:
+        raise ValueError(f"cannot import guide {path!r}: {err}") from None
+    if not (isinstance(cls, type) and issubclass(cls, AutoGuide)):
+        raise ValueError(f"guide {path!r} is {cls!r}, not a pyro.infer.autoguide.AutoGuide subclass")
+    return cls
+
+
+class AutoGuideAdapter(LoRAGuide):
+    """Wrap an autoguide class over the (``sites=``-selected) LoRA-A sites of a model.
+
+    :param autoguide_class: an ``AutoGuide`` subclass (``AutoNormal``, ``AutoLowRankMultivariateNormal``,
+        ``AutoDelta``, ...) or a ``"module:Class"`` import path.
+    :param sites: regex of the A sites it covers; the other layers are deterministic.
+    :param options: passed to the autoguide constructor (e.g. ``init_scale``, ``rank``).
+    """
+
+    def __init__(self, model, autoguide_class, *, sites=None, init_loc_fn=init_to_lora, **options):
+        if isinstance(autoguide_class, str):
+            autoguide_class = resolve_autoguide_class(autoguide_class)
+        super().__init__(model, sites=sites, init_loc_fn=init_loc_fn)
+        self.autoguide_class = autoguide_class
+        self.point_estimate = issubclass(autoguide_class, AutoDelta)
+        layers = {site: self._adapter(site) for site in self.site_names}
+
+        def init_site(site):
+            layer = layers.get(site["name"])
+            return init_loc_fn(layer) if layer is not None else init_to_feasible(site)
+
+        def prior_model(*args, **kwargs):
+            return {site: layer.sample_A() for site, layer in layers.items()}
+
+        if "init_loc_fn" in inspect.signature(autoguide_class.__init__).parameters:
+            options.setdefault("init_loc_fn", init_site)
+        inner = autoguide_class(prior_model, **options)
+        inner._setup_prototype()  # eager: parameters exist before the first call
+        self.inner = inner
+        # Attaching made this guide the inner one's "master" (AutoGuideList's protocol for plates and
+        # prototype checks); the inner guide is self-contained, so detach it again.
+        inner._update_master(None)
+
+    def forward(self, *args, kl_weight: float = 1.0, flipout=None, **kwargs):
+        draws = self.sample_fixed_sites()
+        with kl_weight_handler(kl_weight):
+            draws.update(self.inner())
+        return draws
+
+    @torch.no_grad()
+    def posterior_mean(self):
+        means = {site: value.detach() for site, value in self.inner.median().items()}
+        return {**self.fixed_site_values(), **means}

@@ -1,0 +1,148 @@
+"""Training objectives and schedules: the parity update against a hand computation, KL schedules,
+the SVI ELBO path, and an end-to-end run that learns a synthetic task."""
+
+import math
+
+import pyro
+import pytest
+import torch
+from pyro import poutine
+
+from blob_pyro.guides import BLoBGuide, MLEGuide
+from blob_pyro.objectives import ELBOObjective, KLWeighting, ParityObjective
+from blob_pyro.schedules import kl_cycle_length, kl_reweighting_pi, linear_warmup_decay, rescaled_cycle_length
+from tests.evaluation_helpers import accuracy_of
+from tests.helpers import synthetic_batch, tiny_bayesian_llama
+
+
+class FixedNoiseBLoBGuide(BLoBGuide):
+    """BLoBGuide whose reparameterised draw uses a fixed standard-normal noise per site."""
+
+    def __init__(self, model, noise, **kwargs):
+        super().__init__(model, **kwargs)
+        self.noise = noise
+
+    def forward(self, *args, kl_weight=1.0, flipout=None, **kwargs):
+        return {s: self.loc(s) + self.scale(s) * self.noise[s] for s in self.site_names}
+
+
+def test_kl_reweighting_schedules():
+    M = 4
+    blob = [kl_reweighting_pi(t, M, "blob") for t in range(M)]
+    # i = t mod M with 0 -> M: steps 0..3 use i = 4, 1, 2, 3; pi_i = 2^i / (2^(M+1) - 1)
+    assert blob == pytest.approx([16 / 31, 2 / 31, 4 / 31, 8 / 31])
+    blundell = [kl_reweighting_pi(t, M, "blundell") for t in range(M)]
+    assert blundell == pytest.approx([8 / 15, 4 / 15, 2 / 15, 1 / 15])
+    assert sum(blundell) == pytest.approx(1.0)
+    assert kl_reweighting_pi(7, M, "constant") == 0.25
+    assert kl_reweighting_pi(0, 3000, "blob") == pytest.approx(0.5)  # 2^M / (2^(M+1) - 1), no overflow
+    with pytest.raises(ValueError, match="unknown KL schedule"):
+        kl_reweighting_pi(0, 4, "cosine")
+
+
+def test_dataset_rescaling_and_cycle_length():
+    # M = int(100 * N^(pi/gamma) / P / b)
+    assert rescaled_cycle_length(640, 4, gamma=8) == int(100 * 640 ** (math.pi / 8) / 4)
+    assert kl_cycle_length(640, 4, dataset_rescaling=False) == 160
+    assert kl_cycle_length(641, 4, dataset_rescaling=False) == 161
+
+
+def test_linear_warmup_then_decay():
+    f = linear_warmup_decay(100, 0.1)
+    assert f(0) == pytest.approx(1 / 11) and f(9) == pytest.approx(10 / 11)
+    assert f(10) == pytest.approx(1.0) and f(55) == pytest.approx(0.5) and f(100) == 0.0
+
+
+def test_one_parity_step_equals_a_hand_computation():
+    torch.manual_seed(0)
+    model = tiny_bayesian_llama(targets=("q_proj", "lm_head"))
+    with torch.no_grad():
+        for layer in model.adapters.values():
+            layer.lora_B.normal_(0, 0.3)
+    noise = {s: torch.randn(l.rank, l.in_features) for s, l in model.adapters.items()}
+    guide = FixedNoiseBLoBGuide(model, noise, eps=0.3)
+    beta, lr, kllr = 0.2, 1e-2, 5e-2
+    kl = KLWeighting("blob", cycle_length=4)
+    pi = 16 / 31  # step 0 of a 4-step 'blob' cycle
+    batch = synthetic_batch(6)
+
+    # Hand computation, from copies of the initial parameters.
+    M0 = {s: guide.loc(s).detach().clone().requires_grad_() for s in guide.site_names}
+    G0 = {s: deep_root(guide, s).detach().clone().requires_grad_() for s in guide.site_names}
+    B0 = {s: l.lora_B for s, l in model.adapters.items()}  # autograd.grad leaves .grad untouched
+    draws = {s: M0[s] + G0[s] ** 2 * noise[s] for s in guide.site_names}
+    with poutine.block(), poutine.condition(data=draws):
+        logits = model.class_logits(batch["input_ids"], batch["attention_mask"])
+    nll = torch.nn.functional.cross_entropy(logits, batch["labels"])
+    grads = torch.autograd.grad(nll, [*M0.values(), *G0.values(), *B0.values()], allow_unused=True)
+    n = len(M0)
+    gM, gG, gB = dict(zip(M0, grads[:n])), dict(zip(G0, grads[n:2 * n])), dict(zip(B0, grads[2 * n:]))
+    adam = lambda p, g: p - lr * g / (g.abs() + 1e-6)  # AdamW's first step: m_hat = g, v_hat = g^2  # noqa: E731
+    expected = {}
+    for s in guide.site_names:
+        M1 = adam(M0[s].detach(), gM[s])
+        G, std = G0[s].detach(), G0[s].detach() ** 2
+        dkl_dM = M1 / beta**2                      # d/dM of KL(N(M, s^2) || N(0, beta^2))
+        dkl_dG = 2 * G * (-1 / std + std / beta**2)  # chain rule through s = G^2
+        expected[s] = (M1 - kllr * pi * dkl_dM, G - kllr * (gG[s] + pi * dkl_dG), adam(B0[s].detach(), gB[s]))
+
+    objective = ParityObjective(model, guide, total_steps=10, kl=kl, lr=lr, kllr=kllr, warmup_ratio=0.0, flipout=None)
+    stats = objective.step(batch, 0)
+    assert stats["kl_weight"] == pytest.approx(pi)
+    for s in guide.site_names:
+        M2, G2, B2 = expected[s]
+        torch.testing.assert_close(guide.loc(s).detach(), M2, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(deep_root(guide, s).detach(), G2, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(model.adapters[s].lora_B.detach(), B2, rtol=1e-4, atol=1e-6)
+
+
+def deep_root(guide, site):
+    from blob_pyro.guides.base import deep_getattr
+
+    return deep_getattr(guide.std_roots, site)
+
+
+@pytest.mark.parametrize("guide_cls,elbo,flipout", [
+    (BLoBGuide, "trace", None), (BLoBGuide, "meanfield", "token"), (MLEGuide, "trace", None),
+])
+def test_svi_run_learns_a_synthetic_task(guide_cls, elbo, flipout):
+    torch.manual_seed(0)
+    model = tiny_bayesian_llama()
+    guide = guide_cls(model)
+    train, test = synthetic_batch(48, seed=0), synthetic_batch(48, seed=1)
+    before = accuracy_of(model, guide, train)
+    objective = ELBOObjective(
+        model, guide, num_data=48, total_steps=150, kl=KLWeighting("constant", 12, 1e-3), lr=2e-2,
+        elbo=elbo, flipout=flipout,
+    )
+    for step in range(150):
+        objective.step(train, step)
+    assert accuracy_of(model, guide, train) > max(0.8, before + 0.3)
+
+
+def test_parity_run_learns_a_synthetic_task():
+    torch.manual_seed(0)
+    model = tiny_bayesian_llama()
+    guide = BLoBGuide(model)
+    train = synthetic_batch(48)
+    objective = ParityObjective(model, guide, total_steps=150, kl=KLWeighting("blob", 12), lr=2e-2, kllr=1e-2)
+    for step in range(150):
+        objective.step(train, step)
+    assert accuracy_of(model, guide, train) > 0.8
+
+
+def test_flipout_requires_a_guide_that_provides_the_mean():
+    model = tiny_bayesian_llama()
+    with pytest.raises(ValueError, match="flipout needs a guide"):
+        ELBOObjective(model, MLEGuide(model), num_data=4, total_steps=2, kl=KLWeighting("constant", 1), lr=1e-3, flipout="token")
+
+
+def test_nan_loss_raises_a_clear_error():
+    model = tiny_bayesian_llama()
+    guide = BLoBGuide(model)
+    batch = synthetic_batch(4)
+    objective = ELBOObjective(model, guide, num_data=4, total_steps=2, kl=KLWeighting("constant", 1), lr=1e-3)
+    with torch.no_grad():
+        next(iter(model.adapters.values())).lora_B.fill_(float("nan"))
+    with pytest.raises(FloatingPointError, match="left unchanged; lower --lr"):
+        objective.step(batch, 0)

@@ -146,3 +146,39 @@ def test_nan_loss_raises_a_clear_error():
         next(iter(model.adapters.values())).lora_B.fill_(float("nan"))
     with pytest.raises(FloatingPointError, match="left unchanged; lower --lr"):
         objective.step(batch, 0)
+
+
+def test_a_plain_torch_optimiser_drives_the_same_loss():
+    """Researchers may skip SVI: the ELBO's differentiable loss + any torch optimiser trains the same params."""
+    torch.manual_seed(0)
+    model = tiny_bayesian_llama()
+    guide = BLoBGuide(model)
+    batch = synthetic_batch(32)
+    params = list(guide.parameters()) + [layer.lora_B for layer in model.adapters.values()]
+    optimiser = torch.optim.Adam(params, lr=2e-2)
+    elbo = pyro.infer.TraceMeanField_ELBO()
+    args = (batch["input_ids"], batch["attention_mask"], batch["labels"], batch["indices"])
+    for _ in range(100):
+        optimiser.zero_grad()
+        loss = elbo.differentiable_loss(model, guide, *args, num_data=32, kl_weight=1e-3)
+        loss.backward()
+        optimiser.step()
+    assert accuracy_of(model, guide, batch) > 0.8
+    assert not any(p.requires_grad for n, p in model.network.named_parameters() if "lora_B" not in n)
+
+
+def test_bf16_base_with_fp32_adapters():
+    from blob_pyro.models import AnswerTokenHead, BayesianLoRAModel, bayesianize
+    from tests.helpers import ANSWER_TOKENS, tiny_llama
+
+    network = tiny_llama().to(torch.bfloat16)
+    bayesianize(network, ["q_proj", "v_proj", "lm_head"], rank=2, alpha=4, adapter_dtype=torch.float32)
+    model = BayesianLoRAModel(network, AnswerTokenHead(ANSWER_TOKENS))
+    guide = BLoBGuide(model)
+    batch = synthetic_batch(8)
+    loss = pyro.infer.Trace_ELBO().differentiable_loss(model, guide, batch["input_ids"], batch["attention_mask"], batch["labels"])
+    loss.backward()
+    layer = next(iter(model.adapters.values()))
+    assert layer.lora_B.dtype == torch.float32 and layer.lora_B.grad.dtype == torch.float32
+    assert layer.base_layer.weight.dtype == torch.bfloat16
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in guide.parameters())

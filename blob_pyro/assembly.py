@@ -11,12 +11,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Optional
 
+import numpy as np
 import torch
 
 from blob_pyro.config import TrainConfig
 from blob_pyro.data import (
     EncodedSplit, MultipleChoiceTask, Split, answer_token_ids, classification_text, encode_multiple_choice,
-    encode_text_classification, iterate_batches, load_bigbench, load_split_file, stratified_split,
+    encode_text_classification, iterate_batches, load_bigbench, load_split_file, load_task_spec, stratified_sample,
+    stratified_split,
 )
 from blob_pyro.guides import make_guide
 from blob_pyro.models import (
@@ -26,7 +28,7 @@ from blob_pyro.objectives import ELBOObjective, KLWeighting, ParityObjective
 from blob_pyro.schedules import kl_cycle_length
 
 __all__ = [
-    "resolve_task_path", "load_task", "make_split", "TaskData", "prepare_data", "resolve_device", "resolve_dtype",
+    "resolve_task_path", "load_task", "make_split", "evaluation_positions", "TaskData", "prepare_data", "resolve_device", "resolve_dtype",
     "build_model", "build_guide", "build_objective", "batches", "training_batches",
 ]
 
@@ -47,15 +49,47 @@ def resolve_task_path(task: str) -> Path:
     return path
 
 
-def load_task(cfg: TrainConfig) -> MultipleChoiceTask:
-    return load_bigbench(resolve_task_path(cfg.task), drop_mismatched_choices=cfg.drop_mismatched_choices)
+def load_task(cfg: TrainConfig, spec: Optional[str] = None, *, roles: tuple = ("train", "validation")) -> MultipleChoiceTask:
+    """The task ``spec`` (default ``cfg.task``): BIG-bench JSON, ``bundled:``, ``paper:<name>`` or a table
+    (:func:`blob_pyro.data.load_task_spec`); ``roles`` picks the splits of tasks that have their own."""
+    return load_task_spec(
+        cfg.task if spec is None else spec, data_dir=cfg.data_dir, column_mapping=cfg.column_mapping,
+        task_format=cfg.task_format, drop_mismatched_choices=cfg.drop_mismatched_choices, roles=roles,
+    )
 
 
 def make_split(cfg: TrainConfig, task: MultipleChoiceTask) -> Split:
-    """Positions into ``task.examples``: from ``--split-file`` or a seeded stratified split."""
+    """Positions into ``task.examples``: from ``--split-file``, the task's own splits (paper tasks: used
+    whole unless ``--subsample-task-splits``), or a seeded stratified split."""
     if cfg.split_file:
         return load_split_file(cfg.split_file, file_indices=task.file_indices)
+    if task.splits is not None:
+        train, validation = task.splits["train"], task.splits["validation"]
+        if not cfg.subsample_task_splits:
+            return Split(train=list(train), validation=list(validation), seed=cfg.split_seed, procedure=task.split_procedure)
+        labels = task.labels
+        picked = [
+            [positions[i] for i in stratified_sample([labels[p] for p in positions], size=size, seed=cfg.split_seed)]
+            for positions, size in ((train, cfg.num_train), (validation, cfg.num_validation))
+        ]
+        # stratified_sample returns sorted positions; shuffle the training order with the same seed.
+        order = np.random.default_rng(cfg.split_seed).permutation(len(picked[0]))
+        return Split(
+            train=[picked[0][i] for i in order], validation=picked[1], seed=cfg.split_seed,
+            procedure=f"{task.split_procedure}; stratified_sample(seed={cfg.split_seed}) of {cfg.num_train} train "
+            f"and {cfg.num_validation} validation examples, training order permuted with default_rng({cfg.split_seed})",
+        )
     return stratified_split(task.labels, num_train=cfg.num_train, num_validation=cfg.num_validation, seed=cfg.split_seed)
+
+
+def evaluation_positions(cfg: TrainConfig, task: MultipleChoiceTask) -> list[int]:
+    """Positions of the examples an ``--eval-tasks`` task is evaluated on: its evaluation split (the whole
+    task when it has none), reduced to a seeded stratified sample of ``--eval-task-size`` (0 = all)."""
+    pool = list(task.splits["validation"]) if task.splits is not None else list(range(len(task)))
+    if cfg.eval_task_size == 0 or cfg.eval_task_size >= len(pool):
+        return pool
+    labels = task.labels
+    return [pool[i] for i in stratified_sample([labels[p] for p in pool], size=cfg.eval_task_size, seed=cfg.split_seed)]
 
 
 @dataclass
@@ -115,6 +149,27 @@ def load_network(cfg: TrainConfig, num_classes: int, *, dtype: torch.dtype):
     return pretrained.load_sequence_classifier(cfg.model, num_labels=num_classes, dtype=dtype)
 
 
+def check_classifier_adapted(network, target_modules: str) -> None:
+    """Sequence classification: the classification head is new (random) and ``bayesianize`` froze it, so
+    every Linear layer outside the pretrained body (``network.base_model_prefix``: BERT's ``classifier``,
+    RoBERTa's ``classifier.dense``/``classifier.out_proj``, Llama's ``score``) must carry an adapter, as in
+    the paper's RoBERTa runs (LoRA on the classifier); otherwise the model could never learn the task."""
+    from torch import nn
+
+    body = getattr(network, getattr(network, "base_model_prefix", ""), None)
+    body_modules = {id(m) for m in body.modules()} if isinstance(body, nn.Module) else set()
+    frozen_head = [
+        name for name, module in network.named_modules()
+        if type(module) is nn.Linear and id(module) not in body_modules and not name.endswith(".base_layer")
+    ]
+    if frozen_head:
+        raise ValueError(
+            f"--target-modules {target_modules!r} leaves the new classification head {frozen_head} randomly initialised "
+            f"and frozen; add it, e.g. --target-modules query,value,{','.join(n.split('.')[-1] for n in frozen_head)} "
+            "(LoRA on the classifier, as in the paper's RoBERTa runs)"
+        )
+
+
 def build_model(cfg: TrainConfig, network, data: TaskData) -> BayesianLoRAModel:
     """Adapt ``network`` in place and wrap it with the task's likelihood head."""
     prior_options = {"scale": cfg.prior_scale}
@@ -127,13 +182,24 @@ def build_model(cfg: TrainConfig, network, data: TaskData) -> BayesianLoRAModel:
     if cfg.task_type == "causal_lm":
         head = AnswerTokenHead(data.answer_token_ids)
     else:
+        check_classifier_adapted(network, cfg.target_modules)
         head = SequenceClassificationHead(data.task.num_choices)
     device = next(network.parameters()).device
     return BayesianLoRAModel(network, head).to(device)
 
 
+GUIDE_OPTIONS = {  # which TrainConfig fields each registered guide takes (as guide keyword -> config field)
+    "blob": {"eps": "eps"},
+    "meanfield": {"eps": "eps"},
+    "normal": {"init_scale": "init_scale"},
+    "lowrank": {"init_scale": "init_scale", "rank": "guide_rank"},
+}
+
+
 def build_guide(cfg: TrainConfig, model: BayesianLoRAModel):
-    options = {"eps": cfg.eps} if cfg.guide == "blob" else {}
+    options = {key: getattr(cfg, field) for key, field in GUIDE_OPTIONS.get(cfg.guide, {}).items()}
+    if cfg.bayesian_sites:
+        options["sites"] = cfg.bayesian_sites
     return make_guide(cfg.guide, model, **options)
 
 

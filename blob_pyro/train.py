@@ -5,7 +5,8 @@ SVI training -> evaluation (posterior mean and N samples) -> files. ``python -m 
 lists every option.
 
 Output directory: ``config.json``, ``split.json``, ``adapter.safetensors``, ``guide.safetensors``,
-``metrics.json`` (one entry per prediction mode), ``run.json`` (timings, versions), ``train_log.jsonl``.
+``metrics.json`` (one entry per prediction mode: ``zero_shot``, ``mean``, ``samples_N``; with ``--eval-tasks``
+also ``"ood": {task: {"mean": ..., "samples_N": ...}}``), ``run.json`` (timings, versions), ``train_log.jsonl``.
 """
 
 from __future__ import annotations
@@ -22,15 +23,18 @@ import pyro
 import torch
 from tqdm.auto import tqdm
 
+from blob_pyro.baselines.common import save_predictions
 from blob_pyro.assembly import (
-    batches, build_guide, build_model, build_objective, load_network, load_task, make_split, prepare_data,
-    resolve_device, resolve_dtype, training_batches,
+    batches, build_guide, build_model, build_objective, encode_examples, evaluation_positions, load_network, load_task,
+    make_split, prepare_data, resolve_device, resolve_dtype, training_batches,
 )
 from blob_pyro.checkpoint import save_adapter_and_guide
 from blob_pyro.config import TrainConfig
+from blob_pyro.data import answer_token_ids, task_spec_name
 from blob_pyro.evaluation.metrics import classification_metrics
 from blob_pyro.evaluation.predictive import posterior_mean_probs
 from blob_pyro.evaluation.report import evaluate_modes, results_table
+from blob_pyro.models import AnswerTokenHead
 
 __all__ = ["main", "train"]
 
@@ -59,6 +63,11 @@ def versions() -> dict:
 
 def train(cfg: TrainConfig) -> dict:
     """Run one configuration end to end; returns ``metrics`` (also written to ``metrics.json``)."""
+    if cfg.method != "svi":  # baselines that are not one SVI run (blob_pyro.baselines)
+        from blob_pyro.baselines import run_method
+
+        prepare_output_dir(cfg)
+        return run_method(cfg)
     out = prepare_output_dir(cfg)
     cfg.save(out / "config.json")
     pyro.clear_param_store()  # the global param store must not leak tensors between runs
@@ -77,6 +86,7 @@ def train(cfg: TrainConfig) -> dict:
     data = prepare_data(cfg, task, split, tokenizer)
     val_batches = batches(data, data.validation, batch_size=cfg.eval_batch_size, device=device)
     labels = data.validation.labels
+    ood_sets = prepare_ood_tasks(cfg, data, tokenizer, device)  # before training: a bad --eval-tasks fails fast
 
     # Model, prior, guide, objective
     model = build_model(cfg, network, data)
@@ -88,7 +98,10 @@ def train(cfg: TrainConfig) -> dict:
     metrics = {}
     model.eval()
     if cfg.zero_shot:  # B = 0 at initialisation, so the adapted model is exactly the base model
+        zero_shot_start = time.perf_counter()
         metrics["zero_shot"] = classification_metrics(posterior_mean_probs(model, guide, val_batches).numpy(), labels.numpy())
+        log(f"zero-shot evaluation: {len(labels)} examples in {time.perf_counter() - zero_shot_start:.1f} s "
+            f"({len(labels) / (time.perf_counter() - zero_shot_start):.1f} examples/s)")
         log(f"zero-shot: acc {100 * metrics['zero_shot']['acc']:.2f}%  ECE {metrics['zero_shot']['ece']:.2f}%  NLL {metrics['zero_shot']['nll']:.3f}")
 
     # Training
@@ -112,19 +125,78 @@ def train(cfg: TrainConfig) -> dict:
     # Evaluation
     model.eval()
     eval_start = time.perf_counter()
-    samples = cfg.eval_samples if guide.scores_prior else 0  # point estimates: every draw is the same
-    mode_metrics, _ = evaluate_modes(model, guide, val_batches, labels, num_samples=samples, log=log)
+    samples = cfg.eval_samples if guide.scores_prior and not guide.point_estimate else 0  # point estimates: every draw is the same
+    mode_metrics, draws = evaluate_modes(model, guide, val_batches, labels, num_samples=samples, log=log)
     metrics.update(mode_metrics)
+    # predictions.npz (for reliability diagrams in blob_pyro.compare); a point estimate's mean pass is re-run
+    predictive = {"mean": posterior_mean_probs(model, guide, val_batches)} if draws is None else {f"samples_{samples}": draws.mean(0)}
+    save_predictions(out, predictive, labels)
+    eval_seconds = time.perf_counter() - eval_start
+    ood_start = time.perf_counter()
+    if ood_sets:
+        metrics["ood"] = evaluate_ood_tasks(cfg, model, guide, ood_sets, num_samples=samples)
+    ood_seconds = time.perf_counter() - ood_start
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     run_info = {
         "wall_seconds": time.perf_counter() - wall_start, "train_seconds": train_seconds,
-        "eval_seconds": time.perf_counter() - eval_start,
+        "eval_seconds": eval_seconds,
+        "eval_examples_per_second": len(labels) * (1 + samples) / eval_seconds,  # forward passes per second
+        "ood_seconds": ood_seconds,
+        "ood_tasks": {name: {"spec": s["spec"], "source": s["task"].source, "num_choices": s["task"].num_choices,
+                             "positions": s["positions"]} for name, s in ood_sets.items()},
         "train_examples_per_second": cfg.max_steps * cfg.batch_size / train_seconds,
         "device": str(device), "versions": versions(), "num_train": len(data.train), "num_validation": len(labels),
     }
     (out / "run.json").write_text(json.dumps(run_info, indent=2) + "\n")
-    print(results_table(metrics, title=f"\n{task.name} validation, guide {cfg.guide}, {cfg.max_steps} steps ({out})"))
+    in_task = {mode: m for mode, m in metrics.items() if mode != "ood"}
+    print(results_table(in_task, title=f"\n{task.name} validation, guide {cfg.guide}, {cfg.max_steps} steps ({out})"))
+    for name, block in metrics.get("ood", {}).items():
+        print(results_table(block, title=f"\nOOD {name} (trained on {task.name}, not on {name})"))
     return metrics
+
+
+def prepare_ood_tasks(cfg: TrainConfig, data, tokenizer, device) -> dict:
+    """Load and tokenize every ``--eval-tasks`` task once: ``{name: {"spec", "task", "positions", "batches",
+    "labels", "answer_token_ids"}}``. Causal LMs get the task's own answer-letter tokens (its K may differ
+    from the training task's); a sequence classifier's head is fixed, so its K must match."""
+    sets = {}
+    for spec in cfg.eval_task_specs:
+        name = task_spec_name(spec)
+        if name in sets or name == data.task.name and spec == cfg.task:
+            raise ValueError(f"--eval-tasks names {name!r} twice or names the training task; list each other task once")
+        task = load_task(cfg, spec, roles=("validation",))
+        if cfg.task_type == "sequence_classification" and task.num_choices != data.task.num_choices:
+            raise ValueError(
+                f"--eval-tasks {spec}: {task.num_choices} classes, but the classifier head has {data.task.num_choices} "
+                f"(from {data.task.name}); with --task-type sequence_classification evaluate only tasks with the same classes"
+            )
+        if cfg.task_type == "sequence_classification" and task.label_names != data.task.label_names:
+            log(f"warning: {name} classes {task.label_names} differ from {data.task.name}'s {data.task.label_names}; "
+                "class i is read as class i")
+        positions = evaluation_positions(cfg, task)
+        encoded = encode_examples(cfg, task, tokenizer, [task.examples[i] for i in positions])
+        ids = answer_token_ids(tokenizer, task.num_choices) if cfg.task_type == "causal_lm" else None
+        sets[name] = {"spec": spec, "task": task, "positions": positions, "labels": encoded.labels, "answer_token_ids": ids,
+                      "batches": batches(data, encoded, batch_size=cfg.eval_batch_size, device=device)}
+        log(f"OOD task {name}: evaluating {len(positions)} of {len(task)} examples, {task.num_choices} choices")
+    return sets
+
+
+def evaluate_ood_tasks(cfg: TrainConfig, model, guide, ood_sets: dict, *, num_samples: int) -> dict:
+    """OOD protocol (BLoB section 4): the trained posterior, no training on these tasks.
+    Returns ``{name: {"mean": metrics, "samples_N": metrics}}``."""
+    results = {}
+    trained_head = model.head
+    try:
+        for name, s in ood_sets.items():
+            if s["answer_token_ids"] is not None:
+                model.head = AnswerTokenHead(s["answer_token_ids"]).to(next(model.network.parameters()).device)
+            log(f"OOD evaluation on {name}:")
+            results[name], _ = evaluate_modes(model, guide, s["batches"], s["labels"], num_samples=num_samples, log=log)
+            model.head = trained_head
+    finally:
+        model.head = trained_head
+    return results
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict:

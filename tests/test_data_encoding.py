@@ -125,3 +125,11 @@ def test_shuffle_is_seeded_and_covers_everything():
     assert len(order(0, drop_last=True)) == 4
     for batch in iterate_batches(ENCODED, batch_size=2, pad_token_id=0, shuffle=True, generator=torch.Generator().manual_seed(1)):
         assert batch["labels"].tolist() == ENCODED.labels[batch["indices"]].tolist()
+
+
+def test_encode_text_classification_cuts_the_context_from_the_left(tiny_bpe_tokenizer):
+    text = "Riley went out. " * 50 + "Is it common to see frost?"
+    ids = encode_text_classification([text], [0], tiny_bpe_tokenizer, max_length=24).input_ids[0]
+    assert len(ids) == 24 and ids[0] == tiny_bpe_tokenizer.bos_token_id  # special tokens kept
+    assert tiny_bpe_tokenizer.decode(ids, skip_special_tokens=True).endswith("Is it common to see frost?")
+    assert tiny_bpe_tokenizer.truncation_side == "right"  # the tokenizer is left as it was

@@ -107,7 +107,10 @@ def encode_multiple_choice(
 def encode_text_classification(
     texts: Sequence[str], labels: Sequence[int], tokenizer: Any, *, max_length: int = 256
 ) -> EncodedSplit:
-    """Tokenize texts for a sequence-classification model (BERT-style), truncating on the right.
+    """Tokenize texts for a sequence-classification model (BERT-style), truncating on the LEFT.
+
+    A text longer than ``max_length`` tokens loses its beginning (the context), so the question at its
+    end survives; special tokens ([CLS], [SEP]) are always kept.
 
     Args:
         texts: One text per example, e.g. :func:`blob_pyro.data.classification_text`.
@@ -117,7 +120,12 @@ def encode_text_classification(
     """
     if len(texts) != len(labels):
         raise ValueError(f"Got {len(texts)} texts but {len(labels)} labels; pass one label per text.")
-    encoded = tokenizer(list(texts), truncation=True, max_length=max_length)
+    side = tokenizer.truncation_side
+    try:
+        tokenizer.truncation_side = "left"
+        encoded = tokenizer(list(texts), truncation=True, max_length=max_length)
+    finally:
+        tokenizer.truncation_side = side
     return EncodedSplit(
         input_ids=[list(ids) for ids in encoded["input_ids"]], labels=torch.tensor(list(labels), dtype=torch.long)
     )

@@ -6,7 +6,12 @@ so prompting, encoding and splitting never depend on where the data came from.
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
+
+
+SPLIT_ROLES = ("train", "validation")
+"""Roles of a task's own splits: what a run trains on and what it evaluates on."""
 
 
 @dataclass(frozen=True)
@@ -51,6 +56,10 @@ class MultipleChoiceTask:
         file_indices: Position in the source file of each entry of ``examples``; differs from
             ``range(len(examples))`` only when a loader dropped examples (see
             :func:`blob_pyro.data.load_bigbench`). ``None`` means the identity.
+        splits: The dataset's own splits, when it has them (the paper's hub tasks): role
+            (``"train"``, ``"validation"``) -> positions in ``examples``. ``None`` (BIG-bench, local
+            tables): the run makes a seeded stratified split.
+        split_procedure: Where ``splits`` came from, for the run record (e.g. hub split names).
     """
 
     name: str
@@ -60,6 +69,8 @@ class MultipleChoiceTask:
     task_prefix: str = ""
     label_names: tuple[str, ...] | None = None
     file_indices: tuple[int, ...] | None = None
+    splits: dict[str, tuple[int, ...]] | None = None
+    split_procedure: str = ""
 
     def __post_init__(self) -> None:
         for index, example in enumerate(self.examples):
@@ -78,6 +89,16 @@ class MultipleChoiceTask:
                 f"Task {self.name!r}: file_indices has {len(self.file_indices)} entries, expected one per "
                 f"example ({len(self.examples)})."
             )
+        for role, positions in (self.splits or {}).items():
+            if role not in SPLIT_ROLES:
+                raise ValueError(f"Task {self.name!r}: unknown split role {role!r}; expected one of {SPLIT_ROLES}.")
+            if not positions:
+                raise ValueError(
+                    f"Task {self.name!r}: the {role} split is empty; every split needs at least one example "
+                    "(check the source files or remove the split)."
+                )
+            if not all(0 <= i < len(self.examples) for i in positions):
+                raise ValueError(f"Task {self.name!r}: the {role} split indexes outside 0..{len(self.examples) - 1}.")
 
     def __len__(self) -> int:
         return len(self.examples)
@@ -86,3 +107,39 @@ class MultipleChoiceTask:
     def labels(self) -> list[int]:
         """Gold choice index of every example, shape ``(len(examples),)``."""
         return [example.label for example in self.examples]
+
+
+def keep_common_choice_count(
+    examples: list[MultipleChoiceExample], *, source: str, drop_mismatched_choices: bool, flag: str = "drop_mismatched_choices=True (CLI: --drop-mismatched-choices)"
+) -> tuple[list[MultipleChoiceExample], tuple[int, ...], int]:
+    """Keep the examples with the most common number of choices (ties go to the larger count).
+
+    Returns:
+        ``(kept examples, their positions in examples, num_choices)``.
+
+    Raises:
+        ValueError: If some examples differ and ``drop_mismatched_choices`` is False, naming the first
+            such example and the fix.
+    """
+    if not examples:
+        raise ValueError(f"{source}: no examples; a task needs at least one example.")
+    counts = Counter(len(example.choices) for example in examples)
+    num_choices = max(counts, key=lambda count: (counts[count], count))
+    mismatched = [i for i, example in enumerate(examples) if len(example.choices) != num_choices]
+    if mismatched and not drop_mismatched_choices:
+        first = mismatched[0]
+        raise ValueError(
+            f"{source}: row {first} has {len(examples[first].choices)} choices but most rows have {num_choices} "
+            f"({len(mismatched)} of {len(examples)} differ, rows {mismatched[:10]}"
+            f"{' ...' if len(mismatched) > 10 else ''}); every example of a task needs the same number of "
+            f"choices. Pass {flag} to keep the {len(examples) - len(mismatched)} rows with {num_choices} choices, "
+            "or fix the data."
+        )
+    kept = tuple(i for i, example in enumerate(examples) if len(example.choices) == num_choices)
+    return [examples[i] for i in kept], kept, num_choices
+
+
+def shared_choices(examples: list[MultipleChoiceExample]) -> tuple[str, ...] | None:
+    """The choice tuple when every example has the same choices in the same order, else ``None``."""
+    choice_sets = {example.choices for example in examples}
+    return next(iter(choice_sets)) if len(choice_sets) == 1 else None

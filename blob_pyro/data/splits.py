@@ -187,3 +187,25 @@ def load_split_file(path: str | os.PathLike[str], *, file_indices: Sequence[int]
         return split
     position = {int(file_index): i for i, file_index in enumerate(file_indices)}
     return split.remap(position)
+
+
+def stratified_sample(labels: Sequence[int], *, size: int, seed: int) -> list[int]:
+    """A seeded sample of ``size`` positions of ``labels`` with class shares proportional to the class sizes.
+
+    Used to evaluate on a fixed subset of a task (``--eval-task-size``). Procedure:
+    ``rng = numpy.random.default_rng(seed)``; shares by largest remainder (a rare class may get none);
+    per class in sorted order, the first ``share`` positions of a permutation; the result sorted.
+    ``size >= len(labels)`` returns every position.
+    """
+    labels_array = np.asarray(labels, dtype=np.int64)
+    if size < 1:
+        raise ValueError(f"size must be >= 1, found {size}.")
+    if size >= len(labels_array):
+        return list(range(len(labels_array)))
+    classes, counts = np.unique(labels_array, return_counts=True)
+    shares = _largest_remainder(counts, size)
+    rng = np.random.default_rng(seed)
+    chosen: list[int] = []
+    for k, share in zip(classes, shares):
+        chosen.extend(rng.permutation(np.flatnonzero(labels_array == k))[:share].tolist())
+    return sorted(int(i) for i in chosen)

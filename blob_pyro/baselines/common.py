@@ -1,0 +1,173 @@
+"""What the baselines share: rebuilding a finished run, its predictions file, and writing a baseline's run.
+
+A run directory written by ``python -m blob_pyro.train`` holds ``config.json``, ``adapter.safetensors``,
+``guide.safetensors`` and ``metrics.json``; :func:`load_run` rebuilds model and guide from them.
+``predictions.npz`` holds the validation labels and the ``(n, K)`` predictive of every prediction mode,
+for reliability diagrams (``blob_pyro.compare``).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import pyro
+import torch
+
+from blob_pyro.config import TrainConfig
+
+__all__ = [
+    "PREDICTIONS_FILE", "save_predictions", "load_predictions", "LoadedRun", "load_run", "primary_mode",
+    "write_baseline_run",
+]
+
+PREDICTIONS_FILE = "predictions.npz"
+
+
+def save_predictions(run_dir, probs_by_mode: dict, labels) -> None:
+    """Write ``predictions.npz``: ``labels`` ``(n,)`` and one ``(n, K)`` float32 array per mode."""
+    arrays = {"labels": np.asarray(labels, dtype=np.int64)}
+    for mode, probs in probs_by_mode.items():
+        probs = probs.detach().cpu().numpy() if hasattr(probs, "detach") else np.asarray(probs)
+        if probs.shape != (len(arrays["labels"]), probs.shape[-1]):
+            raise ValueError(f"predictions for mode {mode!r} have shape {probs.shape}, expected (n={len(arrays['labels'])}, K)")
+        arrays[f"probs.{mode}"] = probs.astype(np.float32)
+    path = Path(run_dir) / PREDICTIONS_FILE
+    tmp = path.with_name(path.name + ".tmp.npz")
+    np.savez(tmp, **arrays)
+    tmp.replace(path)
+
+
+def load_predictions(run_dir) -> tuple[dict, np.ndarray]:
+    """``({mode: (n, K) probs}, labels (n,))`` from a run's ``predictions.npz``."""
+    path = Path(run_dir) / PREDICTIONS_FILE
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing: the run predates prediction files; rerun it (or pass --overwrite)")
+    with np.load(path) as data:
+        probs = {key[len("probs."):]: data[key] for key in data.files if key.startswith("probs.")}
+        return probs, data["labels"]
+
+
+def primary_mode(metrics: dict) -> str:
+    """The mode that represents a method in comparison tables: its sampled predictive (``samples_N``,
+    the paper's BLoB N = 10) if any, else any other non-baseline mode, else the point estimate ``mean``."""
+    modes = [m for m in metrics if m not in ("zero_shot", "ood") and isinstance(metrics[m], dict)]
+    for prefix in ("samples_",):
+        sampled = [m for m in modes if m.startswith(prefix)]
+        if sampled:
+            return sampled[0]
+    others = [m for m in modes if m != "mean"]
+    if others:
+        return others[0]
+    if "mean" in modes:
+        return "mean"
+    raise ValueError(f"metrics have no prediction mode (found keys {sorted(metrics)})")
+
+
+@dataclass
+class LoadedRun:
+    """A finished run rebuilt in memory."""
+
+    cfg: TrainConfig
+    model: object
+    guide: object
+    data: object
+    device: torch.device
+
+    def validation_batches(self, batch_size: Optional[int] = None) -> list:
+        from blob_pyro.assembly import batches
+
+        return batches(self.data, self.data.validation, batch_size=batch_size or self.cfg.eval_batch_size, device=self.device)
+
+
+def load_run(run_dir, *, network=None, tokenizer=None) -> LoadedRun:
+    """Rebuild model, guide and tokenized data of the run in ``run_dir`` and restore its parameters.
+
+    :param network, tokenizer: a fresh (never adapted) pretrained network and its tokenizer, to skip
+        loading them again; default: loaded from the run's config.
+    """
+    from blob_pyro.assembly import (
+        build_guide, build_model, load_network, load_task, make_split, prepare_data, resolve_device, resolve_dtype,
+    )
+    from blob_pyro.checkpoint import load_adapter_and_guide
+
+    run_dir = Path(run_dir)
+    cfg = TrainConfig.load(run_dir / "config.json")
+    pyro.clear_param_store()
+    device = resolve_device(cfg.device)
+    task = load_task(cfg)
+    split = make_split(cfg, task)
+    if network is None:
+        network, tokenizer = load_network(cfg, task.num_choices, dtype=resolve_dtype(cfg.base_dtype, device))
+    network.to(device)
+    data = prepare_data(cfg, task, split, tokenizer)
+    model = build_model(cfg, network, data)
+    guide = build_guide(cfg, model).to(device)
+    load_adapter_and_guide(run_dir, model, guide)
+    model.eval()
+    return LoadedRun(cfg, model, guide, data, device)
+
+
+def write_baseline_run(cfg: TrainConfig, metrics: dict, probs_by_mode: dict, labels, info: dict) -> dict:
+    """Write a baseline's ``config.json``, ``metrics.json``, ``predictions.npz`` and ``run.json``."""
+    from blob_pyro.evaluation.report import results_table
+
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    cfg.save(out / "config.json")
+    save_predictions(out, probs_by_mode, labels)
+    (out / "run.json").write_text(json.dumps(info, indent=2) + "\n")
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")  # last: marks the run finished
+    print(results_table(metrics, title=f"\nmethod {cfg.method} ({out})"))
+    return metrics
+
+
+def train_base_run(cfg: TrainConfig, subdir: str, **overrides) -> Path:
+    """Train (or reuse, if it already has ``metrics.json``) the SVI run a baseline builds on, in
+    ``<output_dir>/<subdir>`` with ``overrides`` applied to ``cfg``. Returns its directory."""
+    from dataclasses import replace
+
+    from blob_pyro.train import train
+
+    run_dir = Path(cfg.output_dir) / subdir
+    if not (run_dir / "metrics.json").exists():
+        train(replace(cfg, method="svi", output_dir=str(run_dir), overwrite=True, **overrides))
+    return run_dir
+
+
+def read_metrics(run_dir) -> dict:
+    return json.loads((Path(run_dir) / "metrics.json").read_text())
+
+
+class FixedGaussianGuide(torch.nn.Module):
+    """A non-trainable mean-field Gaussian over given sites, for post-hoc baselines (TFB, Laplace).
+
+    Behaves like a ``LoRAGuide`` for :mod:`blob_pyro.evaluation.predictive`: ``forward`` samples every
+    site, ``posterior_mean()`` returns the means. Sites named ``<path>.lora_B`` switch their layer to
+    ``bayesian_B`` (the layer's ``lora_B`` parameter is then unused).
+
+    :param model: the ``BayesianLoRAModel``. :param locs, scales: ``{site: tensor}``.
+    """
+
+    scores_prior = True
+    point_estimate = False
+    provides_flipout_loc = False
+
+    def __init__(self, model, locs: dict, scales: dict):
+        super().__init__()
+        self._model = (model,)
+        self.locs = {k: v.detach() for k, v in locs.items()}
+        self.scales = {k: v.detach() for k, v in scales.items()}
+        for site, layer in model.adapters.items():
+            layer.set_guide_options(bayesian_B=layer.site_name_B in self.locs, prior_scored=True)
+
+    def forward(self, *args, **kwargs):
+        import pyro.distributions as dist
+
+        return {site: pyro.sample(site, dist.Normal(loc, self.scales[site]).to_event(loc.dim())) for site, loc in self.locs.items()}
+
+    def posterior_mean(self) -> dict:
+        return dict(self.locs)

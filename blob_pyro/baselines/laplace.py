@@ -1,0 +1,176 @@
+"""Post-hoc Laplace over the LoRA parameters (A and B) of a MAP/MLE run (Laplace-LoRA, Yang et al. 2024;
+the marginal-likelihood recipe of Immer et al. 2021 / Daxberger et al. 2021's ``laplace-torch``).
+
+* Curvature: the diagonal of the generalised Gauss-Newton, which for a categorical likelihood equals the
+  expected Fisher, ``h_j = sum_n sum_c p_nc (d log p_nc / d theta_j)^2`` (``diag``: K backward passes per
+  example), or the empirical Fisher ``sum_n (d log p_{n,y_n} / d theta_j)^2`` (``diag_ef``: one). Computed
+  on ``--laplace-examples`` training examples (0 = all) and scaled to the full training set.
+* Prior ``N(0, 1/lambda)`` on every LoRA element; ``lambda`` maximises the Laplace evidence
+  ``log p(D | theta*) - lambda/2 |theta*|^2 + P/2 log lambda - 1/2 sum_j log(h_j + lambda)`` (a
+  log-spaced grid, then a refined one), unless ``--laplace-prior-precision`` fixes it.
+* Posterior ``N(theta*, diag(1 / (h + lambda)))``. Predictive: ``mc`` (softmax averaged over
+  ``--eval-samples`` draws of A and B) or ``probit`` (linearised logits with diagonal variance
+  ``sum_j J_kj^2 / (h_j + lambda)``, then the probit approximation ``softmax(mu / sqrt(1 + pi/8 var))``).
+
+laplace-torch is not used: this keeps the curvature on our Pyro model's LoRA sites and adds no dependency
+(KFAC is not implemented).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from contextlib import contextmanager
+from typing import Callable, Iterable, Sequence
+
+import numpy as np
+import torch
+from pyro import poutine
+
+from blob_pyro.evaluation.metrics import classification_metrics
+from blob_pyro.evaluation.predictive import sample_probs
+
+from .common import FixedGaussianGuide, load_run, read_metrics, train_base_run, write_baseline_run
+
+__all__ = [
+    "diagonal_curvature", "log_marginal_likelihood", "tune_prior_precision", "posterior_variance",
+    "probit_predictive", "run",
+]
+
+
+def diagonal_curvature(logits_fn: Callable[[dict], torch.Tensor], params: Sequence[torch.Tensor], examples: Iterable[dict],
+                       *, kind: str = "diag") -> list[torch.Tensor]:
+    """Diagonal GGN (``kind="diag"``) or empirical Fisher (``"diag_ef"``) of ``params``, summed over examples.
+
+    :param logits_fn: one example (a batch of size 1 with ``labels``) -> ``(1, K)`` logits, differentiable in ``params``.
+    :returns: one tensor per parameter, its shape.
+    """
+    if kind not in ("diag", "diag_ef"):
+        raise ValueError(f"curvature kind must be 'diag' or 'diag_ef', got {kind!r}")
+    curvature = [torch.zeros_like(p, dtype=torch.float64) for p in params]
+    for example in examples:
+        log_probs = torch.log_softmax(logits_fn(example).double(), -1)[0]
+        if kind == "diag_ef":
+            terms = [(int(example["labels"][0]), 1.0)]
+        else:
+            terms = [(c, float(log_probs[c].detach().exp())) for c in range(log_probs.numel())]
+        for index, (c, weight) in enumerate(terms):
+            grads = torch.autograd.grad(log_probs[c], params, retain_graph=index < len(terms) - 1, allow_unused=True)
+            for h, g in zip(curvature, grads):
+                if g is not None:
+                    h.add_(weight * g.double() ** 2)
+    return curvature
+
+
+def log_marginal_likelihood(log_likelihood: float, theta: torch.Tensor, curvature: torch.Tensor, prior_precision) -> torch.Tensor:
+    """Laplace evidence with an isotropic Gaussian prior ``N(0, 1/lambda)`` and diagonal curvature ``h``:
+    ``log_lik - lambda/2 |theta|^2 + P/2 log lambda - 1/2 sum log(h + lambda)`` (the 2 pi terms cancel).
+
+    Exact for a linear-Gaussian model with orthogonal features evaluated at its MAP (tested).
+    ``theta``, ``curvature``: flat ``(P,)``; ``prior_precision``: scalar or ``(L,)`` -> ``(L,)``.
+    """
+    lam = torch.as_tensor(prior_precision, dtype=torch.float64).reshape(-1, 1)
+    theta, h = theta.double().reshape(1, -1), curvature.double().reshape(1, -1)
+    P = theta.shape[-1]
+    return (log_likelihood - 0.5 * lam[:, 0] * (theta**2).sum(-1) + 0.5 * P * torch.log(lam[:, 0])
+            - 0.5 * torch.log(h + lam).sum(-1))
+
+
+def tune_prior_precision(theta: torch.Tensor, curvature: torch.Tensor, *, low: float = 1e-4, high: float = 1e6) -> float:
+    """The ``lambda`` maximising :func:`log_marginal_likelihood` (``theta*`` fixed: post-hoc tuning)."""
+    grid = torch.logspace(math.log10(low), math.log10(high), 201, dtype=torch.float64)
+    for _ in range(3):  # refine around the best point
+        values = log_marginal_likelihood(0.0, theta, curvature, grid)
+        best = int(values.argmax())
+        lo, hi = grid[max(best - 1, 0)], grid[min(best + 1, len(grid) - 1)]
+        grid = torch.logspace(math.log10(lo), math.log10(hi), 101, dtype=torch.float64)
+    return float(grid[int(log_marginal_likelihood(0.0, theta, curvature, grid).argmax())])
+
+
+def posterior_variance(curvature: torch.Tensor, prior_precision: float) -> torch.Tensor:
+    """Diagonal posterior variance ``1 / (h + lambda)``."""
+    return 1.0 / (curvature.double() + prior_precision)
+
+
+def probit_predictive(mean_logits: torch.Tensor, logit_variance: torch.Tensor) -> torch.Tensor:
+    """``softmax(mu / sqrt(1 + pi/8 var))``: the probit approximation of the linearised predictive, ``(n, K)``."""
+    return torch.softmax(mean_logits / torch.sqrt(1.0 + math.pi / 8.0 * logit_variance), dim=-1)
+
+
+@contextmanager
+def _at(theta: dict):
+    with poutine.block(), poutine.condition(data=theta):
+        yield
+
+
+def _single_examples(batches):
+    for b in batches:
+        for i in range(b["input_ids"].shape[0]):
+            yield {k: v[i : i + 1] for k, v in b.items()}
+
+
+def run(cfg) -> dict:
+    start = time.perf_counter()
+    base = train_base_run(cfg, "base")
+    loaded = load_run(base)
+    model, data = loaded.model, loaded.data
+    from blob_pyro.assembly import batches as make_batches
+
+    # theta* = (A, B) of every adapter as leaf tensors; B becomes a (conditioned) sample site
+    means = loaded.guide.posterior_mean()
+    theta = {}
+    for site, layer in model.adapters.items():
+        theta[site] = means[site].detach().clone().requires_grad_(True)
+        theta[layer.site_name_B] = layer.lora_B.detach().clone().requires_grad_(True)
+        layer.set_guide_options(bayesian_B=True)
+    names, params = list(theta), list(theta.values())
+
+    def logits_fn(example):
+        with _at(theta):
+            return model.class_logits(example["input_ids"], example["attention_mask"])
+
+    n_train = len(data.train)
+    used = n_train if cfg.laplace_examples == 0 else min(cfg.laplace_examples, n_train)
+    subset = type(data.train)(data.train.input_ids[:used], data.train.labels[:used])
+    curvature_start = time.perf_counter()
+    curvature = diagonal_curvature(logits_fn, params, _single_examples(make_batches(data, subset, batch_size=1, device=loaded.device)),
+                                   kind=cfg.laplace_hessian)
+    curvature_seconds = time.perf_counter() - curvature_start
+    h = torch.cat([c.reshape(-1) for c in curvature]) * (n_train / used)
+    flat = torch.cat([p.detach().reshape(-1).double() for p in params])
+    lam = cfg.laplace_prior_precision or tune_prior_precision(flat, h)
+    variance = posterior_variance(h, lam)
+    scales, offset = {}, 0
+    for name, p in zip(names, params):
+        scales[name] = variance[offset : offset + p.numel()].sqrt().reshape(p.shape).to(p.dtype)
+        offset += p.numel()
+
+    val_batches = loaded.validation_batches()
+    labels = data.validation.labels
+    torch.manual_seed(cfg.seed)
+    samples = max(cfg.eval_samples, 1)
+    if cfg.laplace_predictive == "mc":
+        name = f"samples_{samples}"
+        guide = FixedGaussianGuide(model, {k: v.detach() for k, v in theta.items()}, scales)
+        probs = sample_probs(model, guide, val_batches, num_samples=samples).mean(0)
+    else:
+        name = "probit"
+        rows = []
+        for example in _single_examples(val_batches):
+            logits = logits_fn(example)[0]
+            var = torch.zeros_like(logits, dtype=torch.float64)
+            for c in range(logits.numel()):
+                grads = torch.autograd.grad(logits[c], params, retain_graph=c < logits.numel() - 1, allow_unused=True)
+                var[c] = sum(((g.double() * s.double()) ** 2).sum() for g, s in zip(grads, scales.values()) if g is not None)
+            rows.append(probit_predictive(logits.detach().double().unsqueeze(0), var.unsqueeze(0)))
+        probs = torch.cat(rows).float()
+    base_metrics = read_metrics(base)
+    metrics = {k: base_metrics[k] for k in ("zero_shot", "mean") if k in base_metrics}
+    metrics[name] = classification_metrics(probs.numpy(), labels.numpy())
+    info = {"method": "laplace", "base_run": "base", "hessian": cfg.laplace_hessian, "prior_precision": lam,
+            "prior_precision_tuned": cfg.laplace_prior_precision == 0, "curvature_examples": used,
+            "curvature_seconds": curvature_seconds, "num_parameters": int(flat.numel()),
+            "mean_posterior_std": float(variance.sqrt().mean()), "predictive": cfg.laplace_predictive,
+            "wall_seconds": time.perf_counter() - start}
+    print(f"Laplace: lambda = {lam:.4g}, mean posterior std {info['mean_posterior_std']:.4g} over {flat.numel():,} parameters")
+    return write_baseline_run(cfg, metrics, {name: probs}, labels, info)

@@ -1,0 +1,201 @@
+"""Compare methods x seeds on one task: ``python -m blob_pyro.compare --methods blob,mle,mc_dropout --seeds 1,2
+--output-dir results/x [any python -m blob_pyro.train flag, e.g. --task ... --max-steps 300]``.
+
+Each (method, seed) is one ``python -m blob_pyro.train`` run in ``<output-dir>/<method>/seed_<seed>`` (a
+subprocess, so memory is freed between runs). A run directory that already holds ``metrics.json`` is
+reused, so interrupting and rerunning continues where it stopped. Outputs in ``<output-dir>``:
+
+* ``results.md`` and ``results.csv``: mean +- std over seeds (sample std, ddof = 1) of ACC %, ECE %
+  (15 bins), NLL and Brier of each method's primary predictive (its ``samples_N`` if it samples, else the
+  point estimate), plus a ``<method> (N = 0)`` row for methods that also have a posterior-mean pass;
+* ``reliability_<method>.png``: reliability diagram of the primary predictive, seeds pooled.
+
+Methods: every registered guide (``blob``, ``mle``, ``map``, ``meanfield``, ``normal``, ``lowrank``) or
+an autoguide import path (``module:Class``), run with ``--guide``; and the baselines ``mc_dropout``
+(``--guide mle --lora-dropout 0.1``), ``ensemble`` (``--guide mle``), ``laplace`` (``--guide map``),
+``tfb`` (``--guide mle``). Flags given after the compare options apply to every run; a method's own
+flags come last and win.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import platform
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+
+from blob_pyro.baselines.common import load_predictions, primary_mode
+
+__all__ = ["METHOD_FLAGS", "method_flags", "main", "summarise", "write_tables", "plot_reliability"]
+
+METHOD_FLAGS = {
+    "mc_dropout": ["--method", "mc_dropout", "--guide", "mle", "--lora-dropout", "0.1"],
+    "ensemble": ["--method", "ensemble", "--guide", "mle"],
+    "laplace": ["--method", "laplace", "--guide", "map"],
+    "tfb": ["--method", "tfb", "--guide", "mle"],
+}
+METRICS = [("acc", "ACC %", 100.0), ("ece", "ECE % (15 bins)", 1.0), ("nll", "NLL", 1.0), ("brier", "Brier", 1.0)]
+
+
+def method_flags(method: str) -> list[str]:
+    """The ``blob_pyro.train`` flags that select ``method``."""
+    from blob_pyro.guides import GUIDES
+
+    if method in METHOD_FLAGS:
+        return list(METHOD_FLAGS[method])
+    if method in GUIDES or ":" in method:
+        return ["--guide", method]
+    raise ValueError(f"unknown method {method!r}; valid: {sorted(GUIDES) + sorted(METHOD_FLAGS)} or an autoguide 'module:Class'")
+
+
+def run_dir(output_dir: Path, method: str, seed: int) -> Path:
+    return Path(output_dir) / method.replace(":", "_") / f"seed_{seed}"
+
+
+def run_one(output_dir: Path, method: str, seed: int, train_args: list[str], *, log=print) -> Path:
+    """Run (or reuse) one method x seed; raises if the training subprocess fails."""
+    path = run_dir(output_dir, method, seed)
+    if (path / "metrics.json").exists():
+        log(f"[compare] {method} seed {seed}: reusing {path}")
+        return path
+    argv = [*train_args, "--seed", str(seed), "--output-dir", str(path), "--overwrite", *method_flags(method)]
+    log(f"[compare] {method} seed {seed}: python -m blob_pyro.train {shlex.join(argv)}")
+    start = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "blob_pyro.train", *argv], check=True)
+    log(f"[compare] {method} seed {seed}: done in {time.perf_counter() - start:.0f} s")
+    return path
+
+
+def summarise(output_dir: Path, methods: Sequence[str], seeds: Sequence[int]) -> list[dict]:
+    """One row per method (and per method's N = 0 pass): mean and std over seeds of every metric."""
+    rows = []
+    for method in methods:
+        per_mode: dict[str, list[dict]] = {}
+        walls = []
+        for seed in seeds:
+            path = run_dir(output_dir, method, seed)
+            metrics = json.loads((path / "metrics.json").read_text())
+            primary = primary_mode(metrics)
+            per_mode.setdefault(f"{method}", []).append({**metrics[primary], "mode": primary})
+            if primary != "mean" and "mean" in metrics and method not in METHOD_FLAGS:
+                per_mode.setdefault(f"{method} (N = 0)", []).append({**metrics["mean"], "mode": "mean"})
+            info = path / "run.json"
+            if info.exists():
+                walls.append(json.loads(info.read_text()).get("wall_seconds", float("nan")))
+        for name, entries in per_mode.items():
+            row = {"method": name, "mode": entries[0]["mode"], "seeds": len(entries), "n": entries[0]["n_examples"],
+                   "wall_seconds": float(np.nansum(walls)) if name == method else float("nan")}
+            for key, _, factor in METRICS:
+                values = np.array([e[key] * factor for e in entries])
+                row[f"{key}_mean"] = float(values.mean())
+                row[f"{key}_std"] = float(values.std(ddof=1)) if len(values) > 1 else float("nan")
+            rows.append(row)
+    return rows
+
+
+def _fmt(mean: float, std: float, digits: int) -> str:
+    return f"{mean:.{digits}f} ± {std:.{digits}f}" if np.isfinite(std) else f"{mean:.{digits}f}"
+
+
+def write_tables(output_dir: Path, rows: list[dict], *, header: str = "") -> str:
+    """Write ``results.csv`` and ``results.md``; returns the Markdown."""
+    output_dir = Path(output_dir)
+    with open(output_dir / "results.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    lines = [header, ""] if header else []
+    lines += ["| method | mode | seeds | n | " + " | ".join(label for _, label, _ in METRICS) + " | wall s (all seeds) |",
+              "|---|---|---|---|" + "---|" * len(METRICS) + "---|"]
+    for r in rows:
+        cells = [_fmt(r[f"{k}_mean"], r[f"{k}_std"], 2 if k in ("acc", "ece") else 3) for k, _, _ in METRICS]
+        wall = f"{r['wall_seconds']:.0f}" if np.isfinite(r["wall_seconds"]) else ""
+        lines.append(f"| {r['method']} | {r['mode']} | {r['seeds']} | {r['n']} | " + " | ".join(cells) + f" | {wall} |")
+    text = "\n".join(lines) + "\n"
+    (output_dir / "results.md").write_text(text)
+    return text
+
+
+def plot_reliability(output_dir: Path, method: str, seeds: Sequence[int], *, num_bins: int = 15) -> Path:
+    """``reliability_<method>.png``: per-bin accuracy vs confidence of the primary predictive, seeds pooled."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from blob_pyro.evaluation.metrics import expected_calibration_error, reliability_bins
+
+    probs, labels = [], []
+    for seed in seeds:
+        path = run_dir(output_dir, method, seed)
+        mode = primary_mode(json.loads((path / "metrics.json").read_text()))
+        by_mode, y = load_predictions(path)
+        probs.append(by_mode[mode])
+        labels.append(y)
+    p, y = np.concatenate(probs), np.concatenate(labels)
+    bins = reliability_bins(p, y, num_bins=num_bins)
+    ece = 100 * expected_calibration_error(p, y, num_bins=num_bins)
+    edges, width = bins["edges"], 1.0 / num_bins
+    fig, (ax, ax_count) = plt.subplots(2, 1, figsize=(4.5, 5.5), sharex=True, gridspec_kw={"height_ratios": [3, 1]})
+    filled = bins["count"] > 0
+    ax.bar(edges[:-1][filled], bins["accuracy"][filled], width=width, align="edge", edgecolor="black", color="tab:blue", label="accuracy")
+    gap = bins["confidence"][filled] - bins["accuracy"][filled]
+    ax.bar(edges[:-1][filled], gap, bottom=bins["accuracy"][filled], width=width, align="edge", color="tab:red", alpha=0.35, label="gap to confidence")
+    ax.plot([0, 1], [0, 1], "k--", lw=1, label="perfect calibration")
+    ax.set(xlim=(0, 1), ylim=(0, 1), ylabel="accuracy", title=f"{method} ({mode}): ECE {ece:.2f}%, n = {len(y)}")
+    ax.legend(loc="upper left", fontsize=8)
+    ax_count.bar(edges[:-1], bins["count"], width=width, align="edge", color="gray", edgecolor="black")
+    ax_count.set(xlabel=f"confidence ({num_bins} bins)", ylabel="count")
+    fig.tight_layout()
+    out = Path(output_dir) / f"reliability_{method.replace(':', '_')}.png"
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def main(argv: Optional[Sequence[str]] = None) -> list[dict]:
+    parser = argparse.ArgumentParser(
+        prog="python -m blob_pyro.compare", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+        allow_abbrev=False,  # "--seed" must not be read as "--seeds"
+    )
+    parser.add_argument("--methods", required=True, help="comma-separated methods, e.g. blob,mle,map,meanfield,mc_dropout,ensemble,laplace,tfb")
+    parser.add_argument("--seeds", default="1", help="comma-separated seeds, e.g. 1,2,3")
+    parser.add_argument("--output-dir", required=True, help="folder of the runs, tables and diagrams")
+    args, train_args = parser.parse_known_args(argv)
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    try:
+        seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    except ValueError:
+        parser.error(f"--seeds must be comma-separated integers, got {args.seeds!r}")
+    for method in methods:
+        method_flags(method)  # fail on a typo before any run starts
+    for flag in ("--seed", "--output-dir", "--guide", "--method"):
+        if flag in train_args:
+            parser.error(f"{flag} is set by compare per run; remove it (use --seeds / --methods)")
+    output_dir = Path(args.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    for method in methods:
+        for seed in seeds:
+            run_one(output_dir, method, seed, train_args)
+    rows = summarise(output_dir, methods, seeds)
+    command = "python -m blob_pyro.compare " + shlex.join(list(argv) if argv is not None else sys.argv[1:])
+    header = (f"Command: `{command}`  \nMachine: {platform.machine()} {platform.processor() or ''} "
+              f"{platform.system()}, Python {platform.python_version()}; compare wall time this invocation "
+              f"{time.perf_counter() - start:.0f} s (finished runs are reused; per-method wall times below are from their run.json)")
+    print(write_tables(output_dir, rows, header=header))
+    for method in methods:
+        print(f"[compare] wrote {plot_reliability(output_dir, method, seeds)}")
+    return rows
+
+
+if __name__ == "__main__":
+    main()

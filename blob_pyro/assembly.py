@@ -20,9 +20,10 @@ from blob_pyro.data import (
     encode_text_classification, iterate_batches, load_bigbench, load_split_file, load_task_spec, stratified_sample,
     stratified_split,
 )
+from blob_pyro.data.choice_scoring import EncodedChoices, encode_choice_continuations, iterate_choice_batches
 from blob_pyro.guides import make_guide
 from blob_pyro.models import (
-    AnswerTokenHead, BayesianLoRAModel, SequenceClassificationHead, bayesianize, make_prior,
+    AnswerTokenHead, BayesianLoRAModel, ChoiceLikelihoodHead, SequenceClassificationHead, bayesianize, make_prior,
 )
 from blob_pyro.objectives import ELBOObjective, KLWeighting, ParityObjective
 from blob_pyro.schedules import kl_cycle_length
@@ -106,6 +107,8 @@ class TaskData:
 
 
 def encode_examples(cfg: TrainConfig, task: MultipleChoiceTask, tokenizer, examples) -> EncodedSplit:
+    if cfg.task_type == "causal_lm" and cfg.answer_scoring == "choice_loglik":
+        return encode_choice_continuations(examples, tokenizer, task_prefix=task.task_prefix, max_length=cfg.max_length)
     if cfg.task_type == "causal_lm":
         return encode_multiple_choice(examples, tokenizer, task_prefix=task.task_prefix, max_length=cfg.max_length)
     if task.label_names is None:
@@ -122,8 +125,24 @@ def prepare_data(cfg: TrainConfig, task: MultipleChoiceTask, split: Split, token
     pick = lambda idx: [task.examples[i] for i in idx]  # noqa: E731
     train = encode_examples(cfg, task, tokenizer, pick(split.train))
     validation = encode_examples(cfg, task, tokenizer, pick(split.validation))
-    ids = answer_token_ids(tokenizer, task.num_choices) if cfg.task_type == "causal_lm" else None
+    ids = answer_token_ids(tokenizer, task.num_choices) if uses_answer_letters(cfg) else None
     return TaskData(task, split, train, validation, tokenizer.pad_token_id, tokenizer.padding_side, ids)
+
+
+def uses_answer_letters(cfg: TrainConfig) -> bool:
+    """True when the head reads answer-letter logits (causal LM, ``--answer-scoring letters``)."""
+    return cfg.task_type == "causal_lm" and cfg.answer_scoring == "letters"
+
+
+def _iterate(encoded, *, data: TaskData, batch_size: int, shuffle: bool, generator=None):
+    if isinstance(encoded, EncodedChoices):
+        return iterate_choice_batches(
+            encoded, batch_size=batch_size, pad_token_id=data.pad_token_id, shuffle=shuffle, generator=generator
+        )
+    return iterate_batches(
+        encoded, batch_size=batch_size, pad_token_id=data.pad_token_id, shuffle=shuffle, generator=generator,
+        padding_side=data.padding_side,
+    )
 
 
 def resolve_device(spec: str) -> torch.device:
@@ -179,8 +198,10 @@ def build_model(cfg: TrainConfig, network, data: TaskData) -> BayesianLoRAModel:
         network, cfg.target_module_spec, rank=cfg.rank, alpha=cfg.alpha, prior=make_prior(cfg.prior, **prior_options),
         dropout=cfg.lora_dropout,
     )
-    if cfg.task_type == "causal_lm":
+    if uses_answer_letters(cfg):
         head = AnswerTokenHead(data.answer_token_ids)
+    elif cfg.task_type == "causal_lm":
+        head = ChoiceLikelihoodHead(data.task.num_choices)
     else:
         check_classifier_adapted(network, cfg.target_modules)
         head = SequenceClassificationHead(data.task.num_choices)
@@ -222,20 +243,12 @@ def _to(batch: dict, device: torch.device) -> dict:
 
 def batches(data: TaskData, encoded: EncodedSplit, *, batch_size: int, device: torch.device) -> list[dict]:
     """Evaluation batches in order, dynamically padded, on ``device``."""
-    return [
-        _to(b, device)
-        for b in iterate_batches(
-            encoded, batch_size=batch_size, pad_token_id=data.pad_token_id, shuffle=False, padding_side=data.padding_side
-        )
-    ]
+    return [_to(b, device) for b in _iterate(encoded, data=data, batch_size=batch_size, shuffle=False)]
 
 
 def training_batches(data: TaskData, *, batch_size: int, seed: int, device: torch.device) -> Iterator[dict]:
     """Endless shuffled training minibatches (a new permutation every epoch)."""
     generator = torch.Generator().manual_seed(seed)
     while True:
-        for b in iterate_batches(
-            data.train, batch_size=batch_size, pad_token_id=data.pad_token_id, shuffle=True, generator=generator,
-            padding_side=data.padding_side,
-        ):
+        for b in _iterate(data.train, data=data, batch_size=batch_size, shuffle=True, generator=generator):
             yield _to(b, device)

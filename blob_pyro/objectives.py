@@ -91,6 +91,12 @@ def _batch_args(batch: dict):
     return batch["input_ids"], batch["attention_mask"], batch["labels"], batch["indices"]
 
 
+def _head_inputs(batch: dict) -> dict:
+    from blob_pyro.models.bayesian_model import extra_batch_inputs
+
+    return extra_batch_inputs(batch)
+
+
 class ELBOObjective:
     """Textbook ELBO, stepped by ``pyro.infer.SVI``.
 
@@ -119,7 +125,9 @@ class ELBOObjective:
 
     def step(self, batch: dict, step: int) -> dict:
         weight = self.kl_weight(step)
-        loss = self.svi.step(*_batch_args(batch), num_data=self.num_data, kl_weight=weight, flipout=self.flipout)
+        loss = self.svi.step(
+            *_batch_args(batch), num_data=self.num_data, kl_weight=weight, flipout=self.flipout, **_head_inputs(batch)
+        )
         self.optim.step()
         if not math.isfinite(loss):
             raise FloatingPointError(f"the ELBO loss is {loss} at step {step}; lower --lr or check the data")
@@ -155,7 +163,7 @@ class ParityObjective:
         input_ids, attention_mask, labels, _ = _batch_args(batch)
         draws = self.guide(kl_weight=1.0, flipout=self.flipout)
         with poutine.block(), poutine.condition(data=draws):
-            logits = self.model.class_logits(input_ids, attention_mask, flipout=self.flipout)
+            logits = self.model.class_logits(input_ids, attention_mask, flipout=self.flipout, **_head_inputs(batch))
         return torch.nn.functional.cross_entropy(logits, labels)
 
     def step(self, batch: dict, step: int) -> dict:

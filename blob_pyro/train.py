@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from blob_pyro.baselines.common import save_predictions
 from blob_pyro.assembly import (
-    batches, build_guide, build_model, build_objective, encode_examples, evaluation_positions, load_network, load_task,
+    batches, build_guide, uses_answer_letters, build_model, build_objective, encode_examples, evaluation_positions, load_network, load_task,
     make_split, prepare_data, resolve_device, resolve_dtype, training_batches,
 )
 from blob_pyro.checkpoint import save_adapter_and_guide
@@ -34,7 +34,7 @@ from blob_pyro.data import answer_token_ids, task_spec_name
 from blob_pyro.evaluation.metrics import classification_metrics
 from blob_pyro.evaluation.predictive import posterior_mean_probs
 from blob_pyro.evaluation.report import evaluate_modes, results_table
-from blob_pyro.models import AnswerTokenHead
+from blob_pyro.models import AnswerTokenHead, ChoiceLikelihoodHead
 
 __all__ = ["main", "train"]
 
@@ -126,10 +126,11 @@ def train(cfg: TrainConfig) -> dict:
     model.eval()
     eval_start = time.perf_counter()
     samples = cfg.eval_samples if guide.scores_prior and not guide.point_estimate else 0  # point estimates: every draw is the same
-    mode_metrics, draws = evaluate_modes(model, guide, val_batches, labels, num_samples=samples, log=log)
+    mode_metrics, probs = evaluate_modes(model, guide, val_batches, labels, num_samples=samples, log=log)
     metrics.update(mode_metrics)
-    # predictions.npz (for reliability diagrams in blob_pyro.compare); a point estimate's mean pass is re-run
-    predictive = {"mean": posterior_mean_probs(model, guide, val_batches)} if draws is None else {f"samples_{samples}": draws.mean(0)}
+    # predictions.npz (for reliability diagrams in blob_pyro.compare)
+    draws = probs["samples"]
+    predictive = {"mean": probs["mean"]} if draws is None else {f"samples_{samples}": draws.mean(0)}
     save_predictions(out, predictive, labels)
     eval_seconds = time.perf_counter() - eval_start
     ood_start = time.perf_counter()
@@ -175,7 +176,7 @@ def prepare_ood_tasks(cfg: TrainConfig, data, tokenizer, device) -> dict:
                 "class i is read as class i")
         positions = evaluation_positions(cfg, task)
         encoded = encode_examples(cfg, task, tokenizer, [task.examples[i] for i in positions])
-        ids = answer_token_ids(tokenizer, task.num_choices) if cfg.task_type == "causal_lm" else None
+        ids = answer_token_ids(tokenizer, task.num_choices) if uses_answer_letters(cfg) else None
         sets[name] = {"spec": spec, "task": task, "positions": positions, "labels": encoded.labels, "answer_token_ids": ids,
                       "batches": batches(data, encoded, batch_size=cfg.eval_batch_size, device=device)}
         log(f"OOD task {name}: evaluating {len(positions)} of {len(task)} examples, {task.num_choices} choices")
@@ -191,6 +192,8 @@ def evaluate_ood_tasks(cfg: TrainConfig, model, guide, ood_sets: dict, *, num_sa
         for name, s in ood_sets.items():
             if s["answer_token_ids"] is not None:
                 model.head = AnswerTokenHead(s["answer_token_ids"]).to(next(model.network.parameters()).device)
+            elif isinstance(trained_head, ChoiceLikelihoodHead):  # the OOD task may have another K
+                model.head = ChoiceLikelihoodHead(s["task"].num_choices)
             log(f"OOD evaluation on {name}:")
             results[name], _ = evaluate_modes(model, guide, s["batches"], s["labels"], num_samples=num_samples, log=log)
             model.head = trained_head

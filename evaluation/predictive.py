@@ -14,6 +14,8 @@ import torch
 from pyro import poutine
 from pyro.infer import Predictive
 
+from blob_pyro.models.bayesian_model import extra_batch_inputs
+
 __all__ = ["predict_probs", "posterior_mean_probs", "sample_probs"]
 
 
@@ -25,7 +27,7 @@ def sample_probs(model, guide, batches: Iterable[dict], *, num_samples: int) -> 
     predictive = Predictive(model, guide=guide, num_samples=num_samples, return_sites=["probs"])
     chunks = []
     for b in batches:
-        probs = predictive(b["input_ids"], b["attention_mask"])["probs"]
+        probs = predictive(b["input_ids"], b["attention_mask"], **extra_batch_inputs(b))["probs"]
         chunks.append(probs.reshape(num_samples, *probs.shape[-2:]).float().cpu())  # drop Predictive's extra dims
     return torch.cat(chunks, dim=1)
 
@@ -37,7 +39,7 @@ def posterior_mean_probs(model, guide, batches: Iterable[dict]) -> torch.Tensor:
     chunks = []
     for b in batches:
         with poutine.block(), poutine.condition(data=means):
-            logits = model.class_logits(b["input_ids"], b["attention_mask"])
+            logits = model.class_logits(b["input_ids"], b["attention_mask"], **extra_batch_inputs(b))
         chunks.append(torch.softmax(logits, -1).float().cpu())
     return torch.cat(chunks, dim=0)
 

@@ -18,10 +18,10 @@ def mode_name(num_samples: int) -> str:
     return "mean" if num_samples == 0 else f"samples_{num_samples}"
 
 
-def evaluate_modes(model, guide, batches: list, labels: torch.Tensor, *, num_samples: int, log=print) -> tuple[dict, Optional[torch.Tensor]]:
+def evaluate_modes(model, guide, batches: list, labels: torch.Tensor, *, num_samples: int, log=print) -> tuple[dict, dict]:
     """Metrics for the posterior mean (N = 0) and, if ``num_samples > 0``, the N-sample average.
 
-    :returns: ``({mode: metrics}, sample_probs (N, n, K) or None)``.
+    :returns: ``({mode: metrics}, {"mean": (n, K) probs, "samples": (N, n, K) probs or None})``.
     """
     results = {}
     n = int(labels.numel())
@@ -37,7 +37,7 @@ def evaluate_modes(model, guide, batches: list, labels: torch.Tensor, *, num_sam
         seconds = time.perf_counter() - start
         results[mode_name(num_samples)] = classification_metrics(draws.mean(0).numpy(), labels.numpy())
         log(f"evaluated N = {num_samples} on {n} examples in {seconds:.1f} s ({n * num_samples / seconds:.1f} example-draws/s)")
-    return results, draws
+    return results, {"mean": mean_probs, "samples": draws}
 
 
 def results_table(metrics: dict, *, title: str = "") -> str:

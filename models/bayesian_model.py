@@ -23,7 +23,14 @@ from torch import nn
 from .adapt import find_adapters
 from .lora import BayesianLoRALinear
 
-__all__ = ["BayesianLoRAModel", "kl_weight_handler"]
+__all__ = ["BayesianLoRAModel", "kl_weight_handler", "extra_batch_inputs", "BATCH_KEYS"]
+
+BATCH_KEYS = ("input_ids", "attention_mask", "labels", "indices")
+
+
+def extra_batch_inputs(batch: dict) -> dict:
+    """The entries of a batch dict beyond ``BATCH_KEYS``: passed to the head as keyword arguments."""
+    return {key: value for key, value in batch.items() if key not in BATCH_KEYS}
 
 
 def kl_weight_handler(kl_weight: float):
@@ -86,10 +93,13 @@ class BayesianLoRAModel(nn.Module):
             if flipout is None:
                 layer.set_transient(flipout_loc=None)
 
-    def class_logits(self, input_ids, attention_mask, *, kl_weight: float = 1.0, flipout: Optional[str] = None):
-        """Draw A, run the network, return class logits ``(batch, K)``."""
+    def class_logits(self, input_ids, attention_mask, *, kl_weight: float = 1.0, flipout: Optional[str] = None, **head_inputs):
+        """Draw A, run the network, return class logits ``(batch, K)``.
+
+        ``head_inputs``: extra batch tensors the head needs (e.g. ``continuation_mask``).
+        """
         self.set_lora_draws(self.draw_lora_factors(kl_weight), flipout=flipout)
-        return self.head(self.network, input_ids, attention_mask)
+        return self.head(self.network, input_ids, attention_mask, **head_inputs)
 
     def forward(
         self,
@@ -101,6 +111,7 @@ class BayesianLoRAModel(nn.Module):
         num_data: Optional[int] = None,
         kl_weight: float = 1.0,
         flipout: Optional[str] = None,
+        **head_inputs,
     ) -> torch.Tensor:
         """The Pyro model.
 
@@ -111,13 +122,14 @@ class BayesianLoRAModel(nn.Module):
         :param kl_weight: weight of the prior (KL) term on the A sites; give the guide the same value.
         :param flipout: None, ``"token"`` or ``"sequence"``; needs a guide that sets the adapters'
             ``flipout_loc`` (``BLoBGuide``).
+        :param head_inputs: extra batch tensors for the head (e.g. ``continuation_mask``).
         :returns: class logits ``(batch, K)``; also recorded as the deterministic site ``"probs"``.
         """
-        batch = input_ids.shape[0]
-        logits = self.class_logits(input_ids, attention_mask, kl_weight=kl_weight, flipout=flipout)
+        logits = self.class_logits(input_ids, attention_mask, kl_weight=kl_weight, flipout=flipout, **head_inputs)
+        batch = logits.shape[0]
         pyro.deterministic("probs", torch.softmax(logits, dim=-1), event_dim=2)
         size = batch if num_data is None else int(num_data)
-        subsample = indices if indices is not None else torch.arange(batch, device=input_ids.device)
+        subsample = indices if indices is not None else torch.arange(batch, device=logits.device)
         if labels is not None and labels.shape != (batch,):
             raise ValueError(f"labels must have shape ({batch},), got {tuple(labels.shape)}")
         with pyro.plate("data", size=size, subsample=subsample):

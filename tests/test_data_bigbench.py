@@ -45,7 +45,7 @@ def test_shared_task_counts(stem):
 
 @needs_shared
 def test_social_iqa_mismatch_is_an_error_by_default():
-    with pytest.raises(ValueError, match=r"has 2 choices but most examples have 3 \(4 of 1954.*drop_mismatched_choices"):
+    with pytest.raises(ValueError, match=r"has 2 choices but most rows have 3 \(4 of 1954.*drop_mismatched_choices"):
         load_bigbench(BIGBENCH_DIR / "social_iqa.json")
 
 
@@ -101,7 +101,7 @@ def test_drop_mismatched_choices(tmp_path):
     examples = [{"input": "1", "target_scores": three}, {"input": "2", "target_scores": {"a": 0, "b": 1}},
                 {"input": "3", "target_scores": three}]
     path = write_task(tmp_path, examples)
-    with pytest.raises(ValueError, match=r"examples\[1\] has 2 choices but most examples have 3.*--drop-mismatched-choices"):
+    with pytest.raises(ValueError, match=r"row 1 has 2 choices but most rows have 3.*--drop-mismatched-choices"):
         load_bigbench(path)
     task = load_bigbench(path, drop_mismatched_choices=True)
     assert [e.question for e in task.examples] == ["1", "3"] and task.file_indices == (0, 2)

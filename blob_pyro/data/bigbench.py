@@ -14,11 +14,10 @@ from __future__ import annotations
 
 import json
 import os
-from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from blob_pyro.data.examples import MultipleChoiceExample, MultipleChoiceTask
+from blob_pyro.data.examples import MultipleChoiceExample, MultipleChoiceTask, keep_common_choice_count
 
 
 def _parse_example(raw: Any, *, index: int, path: Path) -> MultipleChoiceExample:
@@ -107,21 +106,9 @@ def load_bigbench(path: str | os.PathLike[str], *, drop_mismatched_choices: bool
         raise ValueError(f"{path}: 'examples' is empty; a task needs at least one example.")
     examples = [_parse_example(raw, index=i, path=path) for i, raw in enumerate(raw_examples)]
 
-    counts = Counter(len(example.choices) for example in examples)
-    # Most frequent count; ties go to the larger count, so the choice is deterministic.
-    num_choices = max(counts, key=lambda count: (counts[count], count))
-    mismatched = [i for i, example in enumerate(examples) if len(example.choices) != num_choices]
-    if mismatched and not drop_mismatched_choices:
-        first = mismatched[0]
-        raise ValueError(
-            f"{path}: examples[{first}] has {len(examples[first].choices)} choices but most examples have "
-            f"{num_choices} ({len(mismatched)} of {len(examples)} examples differ, indices "
-            f"{mismatched[:10]}{' ...' if len(mismatched) > 10 else ''}). Pass drop_mismatched_choices=True "
-            f"(CLI: --drop-mismatched-choices) to keep only the {len(examples) - len(mismatched)} examples "
-            f"with {num_choices} choices."
-        )
-    file_indices = tuple(i for i, example in enumerate(examples) if len(example.choices) == num_choices)
-    examples = [examples[i] for i in file_indices]
+    examples, file_indices, num_choices = keep_common_choice_count(
+        examples, source=str(path), drop_mismatched_choices=drop_mismatched_choices
+    )
 
     choice_sets = {example.choices for example in examples}
     label_names = next(iter(choice_sets)) if len(choice_sets) == 1 else None

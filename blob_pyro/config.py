@@ -39,7 +39,7 @@ class TrainConfig:
     eval_tasks: str = _f("", "comma-separated tasks (same forms as --task) evaluated after training without training on them (OOD protocol); one block per task under 'ood' in metrics.json")
     eval_task_size: int = _f(200, "examples evaluated per --eval-tasks task: a seeded stratified sample of its evaluation split (the whole file for tasks without splits); 0 = all")
     task_type: str = _f("causal_lm", "likelihood head: 'causal_lm' (answer-letter logits at the last position) or 'sequence_classification' (BERT-style)", ["causal_lm", "sequence_classification"])
-    answer_scoring: str = _f("letters", "causal-LM multiple choice: 'letters' (the paper: lettered choices, softmax over the answer-letter logits after 'Answer:') or 'choice_loglik' (each choice's mean token log-probability as a continuation of the question; K sequences per example, for models too small to answer with letters)", ["letters", "choice_loglik"])
+    answer_scoring: str = _f("choice_loglik", "causal-LM multiple choice: 'choice_loglik' (default: each choice's mean token log-probability as a continuation of the question; K sequences per example) or 'letters' (the BLoB paper: lettered choices, softmax over the answer-letter logits after 'Answer:'; SmolLM2-135M stays at chance with it, see README 'Learning first')", ["choice_loglik", "letters"])
     drop_mismatched_choices: bool = _f(True, "drop examples whose number of choices differs from the task's most common count (social_iqa has 4 such)")
     num_train: int = _f(640, "training examples in the seeded stratified split")
     num_validation: int = _f(200, "validation examples in the seeded stratified split")
@@ -84,7 +84,7 @@ class TrainConfig:
     # Optimisation
     max_steps: int = _f(300, "training steps (minibatches)")
     batch_size: int = _f(4, "training minibatch size")
-    lr: float = _f(5e-4, "AdamW learning rate (peak, after warm-up)")
+    lr: float = _f(1e-3, "AdamW learning rate (peak, after warm-up); 1e-3 learns social_iqa on SmolLM2-135M in 300 steps (README 'Learning first')")
     weight_decay: float = _f(0.0, "AdamW weight decay")
     adam_eps: float = _f(1e-6, "AdamW epsilon")
     warmup_ratio: float = _f(0.06, "fraction of steps of linear LR warm-up (then linear decay to 0)")

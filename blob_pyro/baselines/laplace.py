@@ -28,6 +28,7 @@ import torch
 from pyro import poutine
 
 from blob_pyro.evaluation.metrics import classification_metrics
+from blob_pyro.models.bayesian_model import extra_batch_inputs
 from blob_pyro.evaluation.predictive import sample_probs
 
 from .common import FixedGaussianGuide, load_run, read_metrics, train_base_run, write_baseline_run
@@ -104,9 +105,12 @@ def _at(theta: dict):
 
 
 def _single_examples(batches):
+    """One example at a time; with choice scoring an example is its K consecutive rows."""
     for b in batches:
-        for i in range(b["input_ids"].shape[0]):
-            yield {k: v[i : i + 1] for k, v in b.items()}
+        n = b["labels"].shape[0]
+        per = b["input_ids"].shape[0] // n  # rows per example: 1, or K with choice scoring
+        for i in range(n):
+            yield {k: (v[i : i + 1] if k in ("labels", "indices") else v[i * per : (i + 1) * per]) for k, v in b.items()}
 
 
 def run(cfg) -> dict:
@@ -127,11 +131,11 @@ def run(cfg) -> dict:
 
     def logits_fn(example):
         with _at(theta):
-            return model.class_logits(example["input_ids"], example["attention_mask"])
+            return model.class_logits(example["input_ids"], example["attention_mask"], **extra_batch_inputs(example))
 
     n_train = len(data.train)
     used = n_train if cfg.laplace_examples == 0 else min(cfg.laplace_examples, n_train)
-    subset = type(data.train)(data.train.input_ids[:used], data.train.labels[:used])
+    subset = data.train.first(used)
     curvature_start = time.perf_counter()
     curvature = diagonal_curvature(logits_fn, params, _single_examples(make_batches(data, subset, batch_size=1, device=loaded.device)),
                                    kind=cfg.laplace_hessian)

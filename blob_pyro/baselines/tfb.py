@@ -101,4 +101,4 @@ def run(cfg) -> dict:
 
 def _subset(encoded, size: int):
     """The first ``size`` examples of an ``EncodedSplit`` (the training order is already a seeded shuffle)."""
-    return type(encoded)(encoded.input_ids[:size], encoded.labels[:size])
+    return encoded.first(size)

@@ -43,6 +43,10 @@ class EncodedChoices:
     def __len__(self) -> int:
         return len(self.prompts)
 
+    def first(self, size: int) -> "EncodedChoices":
+        """The first ``size`` examples."""
+        return EncodedChoices(self.prompts[:size], self.continuations[:size], self.labels[:size])
+
 
 def _ids(tokenizer: Any, text: str, *, add_special_tokens: bool) -> list[int]:
     return list(tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])

@@ -37,6 +37,10 @@ class EncodedSplit:
     def __len__(self) -> int:
         return len(self.input_ids)
 
+    def first(self, size: int) -> "EncodedSplit":
+        """The first ``size`` examples."""
+        return EncodedSplit(self.input_ids[:size], self.labels[:size])
+
 
 def _ids(tokenizer: Any, text: str, *, add_special_tokens: bool) -> list[int]:
     return list(tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])

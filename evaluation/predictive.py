@@ -8,11 +8,13 @@
 
 from __future__ import annotations
 
+import sys
 from typing import Iterable, Optional
 
 import torch
 from pyro import poutine
 from pyro.infer import Predictive
+from tqdm.auto import tqdm
 
 from blob_pyro.models.bayesian_model import extra_batch_inputs
 
@@ -25,8 +27,9 @@ def sample_probs(model, guide, batches: Iterable[dict], *, num_samples: int) -> 
     if num_samples < 1:
         raise ValueError(f"num_samples must be >= 1 for sampling, got {num_samples}")
     predictive = Predictive(model, guide=guide, num_samples=num_samples, return_sites=["probs"])
+    batches = list(batches)
     chunks = []
-    for b in batches:
+    for b in tqdm(batches, desc=f"predictive N={num_samples}", file=sys.stderr, leave=False, disable=len(batches) < 2):
         probs = predictive(b["input_ids"], b["attention_mask"], **extra_batch_inputs(b))["probs"]
         chunks.append(probs.reshape(num_samples, *probs.shape[-2:]).float().cpu())  # drop Predictive's extra dims
     return torch.cat(chunks, dim=1)
@@ -36,8 +39,9 @@ def sample_probs(model, guide, batches: Iterable[dict], *, num_samples: int) -> 
 def posterior_mean_probs(model, guide, batches: Iterable[dict]) -> torch.Tensor:
     """Class probabilities with every A at its posterior mean: ``(n, K)``."""
     means = guide.posterior_mean()
+    batches = list(batches)
     chunks = []
-    for b in batches:
+    for b in tqdm(batches, desc="posterior mean", file=sys.stderr, leave=False, disable=len(batches) < 2):
         with poutine.block(), poutine.condition(data=means):
             logits = model.class_logits(b["input_ids"], b["attention_mask"], **extra_batch_inputs(b))
         chunks.append(torch.softmax(logits, -1).float().cpu())

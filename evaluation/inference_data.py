@@ -1,0 +1,320 @@
+"""Posterior and posterior-predictive draws as an ArviZ ``InferenceData``, saved as NetCDF.
+
+:func:`draw_predictive` runs ``pyro.infer.Predictive`` draw by draw: draw ``s`` samples every LoRA-A
+once from the guide and uses that one draw for every evaluation batch, so a draw is one coherent
+network (its A factors, its class probabilities and its log-likelihoods belong together). Each draw is
+seeded from ``(seed, s)``, so two calls with the same seed (e.g. one per task) use the same S networks,
+and memory stays bounded: one set of A factors at a time, plus the ``(S, n, K)`` probabilities and the
+A draws of the sites asked for.
+
+:func:`build_inference_data` arranges the draws as an ``InferenceData`` (one chain of S draws):
+
+* ``posterior``: draws of LoRA-A for the chosen sites, one variable per site named by its Pyro site
+  (``model.layers.0.self_attn.q_proj.lora_A``), dims ``(chain, draw, lora_rank, in_features_<d>)``
+  (a guide that makes B random adds its ``lora_B`` sites, dims ``(..., out_features_<d>, lora_rank)``);
+* ``posterior_predictive``: ``probs`` ``(chain, draw, example, class)`` and the sampled labels ``y``
+  ``(chain, draw, example)``;
+* ``observed_data``: ``y`` ``(example,)``, the gold labels;
+* ``log_likelihood``: ``y`` ``(chain, draw, example)`` = ``log probs[y_i]``, so ``az.loo`` and
+  ``az.waic`` work;
+* ``attrs`` (file level and on every group): run metadata (model, task, guide, prior, seed, versions).
+
+The draws are independent samples from a variational posterior, not a Markov chain: R-hat and ESS
+(``az.rhat``, ``az.ess``, ``az.summary``'s diagnostics columns) are meaningless for them and are not
+diagnostics of the fit. PSIS-LOO's Pareto k values do say how far the variational posterior is from
+the leave-one-out posteriors; with few draws (S < ~100) they are noisy.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Mapping, Optional, Sequence
+
+import numpy as np
+import torch
+from pyro import poutine
+from pyro.infer import Predictive
+
+from blob_pyro.models.bayesian_model import extra_batch_inputs
+
+__all__ = [
+    "RHAT_ESS_NOTE",
+    "PredictiveDraws",
+    "choose_posterior_sites",
+    "guide_sample_sites",
+    "draw_seed",
+    "draw_predictive",
+    "build_inference_data",
+    "save_inference_data",
+    "load_inference_data",
+    "import_arviz",
+]
+
+RHAT_ESS_NOTE = (
+    "Draws are independent samples from a variational posterior (one chain): R-hat and ESS are "
+    "meaningless for them and are not convergence diagnostics."
+)
+
+
+def import_arviz():
+    """``import arviz``, without the FutureWarning about its 1.x refactor that 0.23 prints on import."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=FutureWarning, module="arviz")
+        import arviz
+
+    return arviz
+
+
+@dataclass
+class PredictiveDraws:
+    """What :func:`draw_predictive` returns; numpy arrays on the CPU.
+
+    Attributes:
+        probs: ``(S, n, K)`` float32 class probabilities of each draw.
+        sampled_labels: ``(S, n)`` int64 labels sampled from each draw's categorical likelihood.
+        posterior: ``{site: (S, rank, in_features)}`` float32 draws of A, for the sites asked for.
+        seeds: ``(S,)`` the seed of each draw.
+    """
+
+    probs: np.ndarray
+    sampled_labels: np.ndarray
+    posterior: dict[str, np.ndarray] = field(default_factory=dict)
+    seeds: list[int] = field(default_factory=list)
+
+    @property
+    def num_draws(self) -> int:
+        return int(self.probs.shape[0])
+
+
+def choose_posterior_sites(site_names: Sequence[str], spec: str) -> list[str]:
+    """The guide sample sites named by ``spec``, in ``site_names`` order (for the ``posterior`` group).
+
+    ``spec`` is ``"all"``, ``"none"`` (or empty), ``"re:<regex>"`` (full match on the site name) or a
+    comma-separated list of site names or dotted suffixes (``"q_proj"`` or ``"q_proj.lora_A"`` selects
+    every ``...q_proj.lora_A``).
+    """
+    spec = (spec or "").strip()
+    if spec in ("", "none"):
+        return []
+    if spec == "all":
+        return list(site_names)
+    if spec.startswith("re:"):
+        try:
+            pattern = re.compile(spec[3:])
+        except re.error as err:
+            raise ValueError(f"posterior sites {spec!r}: invalid regular expression ({err})") from err
+        chosen = [s for s in site_names if pattern.fullmatch(s)]
+    else:
+        wanted = [w.strip() for w in spec.split(",") if w.strip()]
+        chosen = []
+        for site in site_names:
+            stem = site[: -len(".lora_A")] if site.endswith(".lora_A") else site
+            if any(site == w or stem == w or site.endswith("." + w) or stem.endswith("." + w) for w in wanted):
+                chosen.append(site)
+    if not chosen:
+        examples = ", ".join(list(site_names)[:3])
+        raise ValueError(
+            f"posterior sites {spec!r} match none of the {len(site_names)} LoRA-A sites (e.g. {examples}); "
+            "pass 'all', 'none', a comma-separated list of names or suffixes such as 'q_proj', or 're:<regex>'"
+        )
+    return chosen
+
+
+def draw_seed(seed: int, draw: int) -> int:
+    """The seed of draw ``draw`` (the same for every task evaluated with the same ``seed``)."""
+    return (int(seed) * 1_000_003 + int(draw) * 7_919 + 17) % (2**63 - 1)
+
+
+def guide_sample_sites(guide, batch: dict) -> list[str]:
+    """Names of the guide's sample sites (one trace on ``batch``; the RNG state is restored)."""
+    with torch.random.fork_rng(devices=[batch["input_ids"].device] if batch["input_ids"].is_cuda else []), torch.no_grad():
+        return list(_guide_draw(guide, batch))
+
+
+def _guide_draw(guide, batch: dict) -> dict[str, torch.Tensor]:
+    trace = poutine.trace(guide).get_trace(batch["input_ids"], batch["attention_mask"], **extra_batch_inputs(batch))
+    return {name: site["value"].detach() for name, site in trace.nodes.items() if site["type"] == "sample"}
+
+
+@torch.no_grad()
+def draw_predictive(
+    model,
+    guide,
+    batches: Iterable[dict],
+    *,
+    num_samples: int,
+    seed: int = 0,
+    posterior_sites: Sequence[str] = (),
+) -> PredictiveDraws:
+    """Posterior predictive draws of the deterministic ``"probs"`` site and sampled labels ``"obs"``.
+
+    For each draw ``s``: seed the RNG with :func:`draw_seed` ``(seed, s)``, draw every A once from the
+    guide, then run ``Predictive(model, posterior_samples=that draw, return_sites=["probs", "obs"])`` on
+    every batch. The global RNG state is restored afterwards.
+
+    Args:
+        model: a :class:`~blob_pyro.models.BayesianLoRAModel` (in eval mode).
+        guide: a guide over its A sites, e.g. ``BLoBGuide``.
+        batches: evaluation batches (``input_ids``, ``attention_mask`` ``(b, T)``, and any extra head
+            inputs such as ``continuation_mask``) in a fixed order.
+        num_samples: S >= 1.
+        seed: base seed of the draws.
+        posterior_sites: A sites whose draws to keep (memory: S * rank * in_features floats per site).
+
+    Returns:
+        :class:`PredictiveDraws` with ``probs`` ``(S, n, K)``, ``sampled_labels`` ``(S, n)`` and
+        ``posterior`` ``{site: (S, rank, in_features)}``, rows in batch order.
+    """
+    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
+        raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}")
+    batches = list(batches)
+    if not batches:
+        raise ValueError("no evaluation batches: the task has no examples to evaluate")
+    device = batches[0]["input_ids"].device
+    fork_devices = [device] if device.type == "cuda" else []
+    probs, labels, seeds = [], [], []
+    posterior: dict[str, list[np.ndarray]] = {site: [] for site in posterior_sites}
+    for s in range(num_samples):
+        seeds.append(draw_seed(seed, s))
+        with torch.random.fork_rng(devices=fork_devices):
+            torch.manual_seed(seeds[-1])
+            draw = _guide_draw(guide, batches[0])
+            missing = [site for site in posterior_sites if site not in draw]
+            if missing:
+                raise ValueError(f"the guide has no sample sites {missing[:3]}; its sites are {sorted(draw)[:3]} ...")
+            for site in posterior_sites:
+                posterior[site].append(draw[site].float().cpu().numpy())
+            predictive = Predictive(model, posterior_samples={k: v.unsqueeze(0) for k, v in draw.items()},
+                                    return_sites=["probs", "obs"])
+            draw_probs, draw_labels = [], []
+            for b in batches:
+                out = predictive(b["input_ids"], b["attention_mask"], **extra_batch_inputs(b))
+                draw_probs.append(out["probs"].reshape(*out["probs"].shape[-2:]).float().cpu())
+                draw_labels.append(out["obs"].reshape(-1).long().cpu())
+        probs.append(torch.cat(draw_probs).numpy())
+        labels.append(torch.cat(draw_labels).numpy())
+    return PredictiveDraws(
+        probs=np.stack(probs),
+        sampled_labels=np.stack(labels),
+        posterior={site: np.stack(values) for site, values in posterior.items()},
+        seeds=seeds,
+    )
+
+
+def _site_dims(site: str, shape: tuple) -> list[str]:
+    """Named dims of a LoRA factor: A ``(rank, in_features)``, B ``(out_features, rank)``."""
+    if site.endswith("lora_A"):
+        return ["lora_rank", f"in_features_{shape[1]}"]
+    if site.endswith("lora_B"):
+        return [f"out_features_{shape[0]}", "lora_rank"]
+    return [f"dim_{i}_{size}" for i, size in enumerate(shape)]
+
+
+def _attr_value(value):
+    """NetCDF attributes must be strings or numbers: JSON-encode the rest, drop None."""
+    if isinstance(value, (str, int, float, np.integer, np.floating)) and not isinstance(value, bool):
+        return value
+    return json.dumps(value, sort_keys=True, default=str)
+
+
+def build_inference_data(
+    probs,
+    labels,
+    *,
+    sampled_labels=None,
+    posterior: Optional[Mapping[str, np.ndarray]] = None,
+    class_names: Optional[Sequence[str]] = None,
+    example_ids: Optional[Sequence[int]] = None,
+    attrs: Optional[Mapping] = None,
+    eps: float = 1e-12,
+):
+    """An ``arviz.InferenceData`` with one chain of S independent variational draws.
+
+    Args:
+        probs: ``(S, n, K)`` class probabilities per draw.
+        labels: ``(n,)`` gold labels (observed data).
+        sampled_labels: ``(S, n)`` labels sampled from each draw (posterior predictive ``y``); omitted
+            from the group if None.
+        posterior: ``{site: (S, rank, in_features)}`` draws of A; no ``posterior`` group if empty.
+        class_names: K names for the ``class`` coordinate (default ``0..K-1``).
+        example_ids: n ids for the ``example`` coordinate (e.g. positions in the task file).
+        attrs: run metadata; non-scalar values are stored as JSON strings.
+        eps: floor of the probabilities in the log-likelihood (as in ``negative_log_likelihood``).
+
+    Returns:
+        ``InferenceData`` with groups ``posterior`` (if given), ``posterior_predictive``,
+        ``log_likelihood``, ``observed_data``. R-hat and ESS are meaningless for these draws
+        (:data:`RHAT_ESS_NOTE`).
+    """
+    az = import_arviz()
+    p = np.asarray(probs, dtype=np.float64)
+    y = np.asarray(labels)
+    if p.ndim != 3:
+        raise ValueError(f"probs must have shape (S, n, K); got shape {p.shape}")
+    num_draws, n, k = p.shape
+    if y.shape != (n,):
+        raise ValueError(f"labels must have shape ({n},) to match probs {p.shape}; got shape {y.shape}")
+    if y.size and (y.min() < 0 or y.max() >= k):
+        raise ValueError(f"labels must lie in [0, {k}); found values in [{y.min()}, {y.max()}]")
+    y = y.astype(np.int64)
+    class_names = list(class_names) if class_names is not None else list(range(k))
+    if len(class_names) != k:
+        raise ValueError(f"class_names has {len(class_names)} entries for {k} classes")
+    example_ids = np.asarray(example_ids if example_ids is not None else np.arange(n))
+    if example_ids.shape != (n,):
+        raise ValueError(f"example_ids must have shape ({n},); got shape {example_ids.shape}")
+
+    log_lik = np.log(np.maximum(p[:, np.arange(n), y], eps))
+    predictive = {"probs": p[None]}
+    dims = {"probs": ["example", "class"], "y": ["example"]}
+    if sampled_labels is not None:
+        sampled = np.asarray(sampled_labels)
+        if sampled.shape != (num_draws, n):
+            raise ValueError(f"sampled_labels must have shape ({num_draws}, {n}); got shape {sampled.shape}")
+        predictive["y"] = sampled.astype(np.int64)[None]
+    coords = {"example": example_ids, "class": class_names}
+    draws_of_A = {}
+    for site, values in (posterior or {}).items():
+        values = np.asarray(values)
+        if values.ndim != 3 or values.shape[0] != num_draws:
+            raise ValueError(f"posterior draws of {site} must have shape ({num_draws}, rows, columns); got {values.shape}")
+        draws_of_A[site] = values[None]
+        dims[site] = _site_dims(site, values.shape[1:])
+    metadata = {"inference_library": "pyro", "draws": "independent variational draws (one chain)",
+                "note": RHAT_ESS_NOTE, **(attrs or {})}
+    metadata = {key: _attr_value(value) for key, value in metadata.items() if value is not None}
+    idata = az.from_dict(
+        posterior=draws_of_A or None,
+        posterior_predictive=predictive,
+        log_likelihood={"y": log_lik[None]},
+        observed_data={"y": y},
+        coords=coords,
+        dims=dims,
+        attrs=metadata,
+    )
+    for group in idata.groups():
+        idata[group].attrs.update(metadata)
+    return idata
+
+
+def save_inference_data(idata, path) -> Path:
+    """Write ``idata`` to NetCDF (engine h5netcdf, compressed); returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    idata.to_netcdf(str(tmp), engine="h5netcdf")
+    tmp.replace(path)  # an interrupted write never leaves a half-written file under the final name
+    return path
+
+
+def load_inference_data(path):
+    """Reopen a file written by :func:`save_inference_data` (``arviz.from_netcdf``)."""
+    az = import_arviz()
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist; run python -m blob_pyro.evaluate to write it")
+    return az.from_netcdf(str(path), engine="h5netcdf")

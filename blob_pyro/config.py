@@ -188,6 +188,8 @@ class TrainConfig:
             data = json.loads(Path(path).read_text())
         except (OSError, json.JSONDecodeError) as err:
             raise ValueError(f"cannot read run config {path}: {err}") from err
+        # Runs written before --answer-scoring existed scored causal-LM choices with answer letters.
+        data.setdefault("answer_scoring", "letters")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:

@@ -15,6 +15,7 @@ from typing import Mapping, Optional, Sequence
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from .metrics import expected_calibration_error, reliability_bins
 
@@ -132,6 +133,8 @@ def uncertainty_histograms(
                     edgecolor=color, linewidth=1.2, label=f"{task} ({role}, n = {len(v)}, mean {v.mean():.3g})")
             if key in ("total", "aleatoric") and lo <= math.log(num_classes[task]) <= hi:
                 ax.axvline(math.log(num_classes[task]), color=color, linestyle="--", linewidth=1)
+        ax.xaxis.set_major_locator(MaxNLocator(6))
+        ax.ticklabel_format(axis="x", style="sci", scilimits=(-3, 4))  # MI can be ~1e-5 nats
         ax.legend(fontsize=7, loc="upper left")
     fig.suptitle(title, fontsize=11)
     return _save(fig, path)

@@ -20,15 +20,6 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 WORDS = ["home", "plan", "Riley", "frost", "college", "evening", "attacks", "new", "Tracy", "which"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run ~50x slower with 2 threads on a busy 2-core machine (thread contention)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _write_task(path, name, choices, n):
     examples = [
         {"input": f"{WORDS[i % 10]} {WORDS[(3 * i + 1) % 10]} {WORDS[(7 * i) % 10]}?",

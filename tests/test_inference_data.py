@@ -19,15 +19,6 @@ from helpers import synthetic_batch, tiny_bayesian_llama
 warnings.filterwarnings("ignore", category=FutureWarning)  # arviz 0.23's refactor notice
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run ~50x slower with 2 threads on a busy 2-core machine (thread contention)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # Two draws, three examples, two classes; labels [0, 1, 1].
 PROBS = np.array([
     [[0.9, 0.1], [0.2, 0.8], [0.5, 0.5]],

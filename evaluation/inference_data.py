@@ -1,6 +1,7 @@
 """Posterior and posterior-predictive draws as an ArviZ ``InferenceData``, saved as NetCDF.
 
-:func:`draw_predictive` runs ``pyro.infer.Predictive`` draw by draw: draw ``s`` samples every LoRA-A
+:func:`draw_predictive` samples the posterior predictive draw by draw (the model conditioned on a guide
+draw, as one ``pyro.infer.Predictive`` sample but without its shape-probing passes): draw ``s`` samples every LoRA-A
 once from the guide and uses that one draw for every evaluation batch, so a draw is one coherent
 network (its A factors, its class probabilities and its log-likelihoods belong together). Each draw is
 seeded from ``(seed, s)``, so two calls with the same seed (e.g. one per task) use the same S networks,
@@ -29,6 +30,7 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,7 +39,7 @@ from typing import Iterable, Mapping, Optional, Sequence
 import numpy as np
 import torch
 from pyro import poutine
-from pyro.infer import Predictive
+from tqdm.auto import tqdm
 
 from blob_pyro.models.bayesian_model import extra_batch_inputs
 
@@ -153,7 +155,7 @@ def draw_predictive(
     """Posterior predictive draws of the deterministic ``"probs"`` site and sampled labels ``"obs"``.
 
     For each draw ``s``: seed the RNG with :func:`draw_seed` ``(seed, s)``, draw every A once from the
-    guide, then run ``Predictive(model, posterior_samples=that draw, return_sites=["probs", "obs"])`` on
+    guide, then run the model conditioned on that draw (one Predictive sample, traced directly) on
     every batch. The global RNG state is restored afterwards.
 
     Args:
@@ -178,7 +180,7 @@ def draw_predictive(
     fork_devices = [device] if device.type == "cuda" else []
     probs, labels, seeds = [], [], []
     posterior: dict[str, list[np.ndarray]] = {site: [] for site in posterior_sites}
-    for s in range(num_samples):
+    for s in tqdm(range(num_samples), desc="posterior draws", file=sys.stderr, leave=False):
         seeds.append(draw_seed(seed, s))
         with torch.random.fork_rng(devices=fork_devices):
             torch.manual_seed(seeds[-1])
@@ -188,13 +190,15 @@ def draw_predictive(
                 raise ValueError(f"the guide has no sample sites {missing[:3]}; its sites are {sorted(draw)[:3]} ...")
             for site in posterior_sites:
                 posterior[site].append(draw[site].float().cpu().numpy())
-            predictive = Predictive(model, posterior_samples={k: v.unsqueeze(0) for k, v in draw.items()},
-                                    return_sites=["probs", "obs"])
+            # The model conditioned on this draw, traced once per batch: what Predictive does for one
+            # posterior sample, without the two shape-probing model passes it adds to every call.
+            conditioned = poutine.trace(poutine.condition(model, data=draw))
             draw_probs, draw_labels = [], []
             for b in batches:
-                out = predictive(b["input_ids"], b["attention_mask"], **extra_batch_inputs(b))
-                draw_probs.append(out["probs"].reshape(*out["probs"].shape[-2:]).float().cpu())
-                draw_labels.append(out["obs"].reshape(-1).long().cpu())
+                with torch.no_grad():
+                    nodes = conditioned.get_trace(b["input_ids"], b["attention_mask"], **extra_batch_inputs(b)).nodes
+                draw_probs.append(nodes["probs"]["value"].reshape(*nodes["probs"]["value"].shape[-2:]).float().cpu())
+                draw_labels.append(nodes["obs"]["value"].reshape(-1).long().cpu())
         probs.append(torch.cat(draw_probs).numpy())
         labels.append(torch.cat(draw_labels).numpy())
     return PredictiveDraws(

@@ -16,7 +16,7 @@ import torch
 
 from blob_pyro.config import TrainConfig
 from blob_pyro.data import (
-    EncodedSplit, MultipleChoiceTask, Split, answer_token_ids, classification_text, encode_multiple_choice,
+    DEFAULT_FORMAT, EncodedSplit, MultipleChoiceTask, Split, answer_token_ids, classification_text, encode_multiple_choice,
     encode_text_classification, iterate_batches, load_bigbench, load_split_file, load_task_spec, stratified_sample,
     stratified_split,
 )
@@ -108,15 +108,18 @@ class TaskData:
 
 def encode_examples(cfg: TrainConfig, task: MultipleChoiceTask, tokenizer, examples) -> EncodedSplit:
     if cfg.task_type == "causal_lm" and cfg.answer_scoring == "choice_loglik":
-        return encode_choice_continuations(examples, tokenizer, task_prefix=task.task_prefix, max_length=cfg.max_length)
+        return encode_choice_continuations(examples, tokenizer, task_prefix=task.task_prefix, max_length=cfg.max_length,
+                                           prompt_format=task.prompt_format)
     if cfg.task_type == "causal_lm":
-        return encode_multiple_choice(examples, tokenizer, task_prefix=task.task_prefix, max_length=cfg.max_length)
+        return encode_multiple_choice(examples, tokenizer, task_prefix=task.task_prefix, max_length=cfg.max_length,
+                                      prompt_format=task.prompt_format)
     if task.label_names is None:
         raise ValueError(
             f"task {task.name!r} has per-example choice texts; sequence classification needs fixed class labels "
             "(e.g. strategyqa, winowhy, fever): use --task-type causal_lm for this task"
         )
-    texts = [classification_text(e, task_prefix=task.task_prefix) for e in examples]
+    prompt_format = task.prompt_format or DEFAULT_FORMAT
+    texts = [classification_text(e, task_prefix=task.task_prefix, prompt_format=prompt_format) for e in examples]
     return encode_text_classification(texts, [e.label for e in examples], tokenizer, max_length=cfg.max_length)
 
 

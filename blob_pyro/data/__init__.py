@@ -12,7 +12,10 @@ from blob_pyro.data.examples import SPLIT_ROLES, MultipleChoiceExample, Multiple
 from blob_pyro.data.paper_tasks import PAPER_TASKS, PaperTask, load_paper_task, paper_task
 from blob_pyro.data.prompts import (
     ANSWER_LETTERS,
+    DEFAULT_FORMAT,
+    PromptFormat,
     answer_label_strings,
+    choice_likelihood_prompt,
     choices_block,
     classification_text,
     format_prompt,
@@ -38,6 +41,9 @@ __all__ = [
     "encode_multiple_choice",
     "encode_text_classification",
     "format_prompt",
+    "PromptFormat",
+    "DEFAULT_FORMAT",
+    "choice_likelihood_prompt",
     "iterate_batches",
     "load_bigbench",
     "load_paper_task",

@@ -6,8 +6,13 @@ Format (https://github.com/google/BIG-bench, ``docs/doc.md``)::
      "task_prefix"?, "example_input_prefix"?, "example_output_prefix"?, "choice_prefix"?,
      "append_choices_to_input"?}
 
-Only ``task_prefix`` is kept: the prompt layout (lettered choices, ``"Answer:"``) is ours
-(:mod:`blob_pyro.data.prompts`), so BIG-bench's own input/output/choice prefixes are not used.
+Every prompt field the file sets is honoured (:class:`blob_pyro.data.prompts.PromptFormat`):
+``task_prefix`` once before each prompt, ``example_input_prefix`` before the question,
+``append_choices_to_input`` / ``choice_prefix`` list the choices (choice-likelihood scoring), and
+``example_output_prefix`` replaces our ``"\nAnswer:"`` cue (e.g. winowhy's ``"\nThe above reasoning is"``
+followed by `` correct`` / `` incorrect``). Fields the file does not set take this package's layout,
+not BIG-bench's implicit ``"\nQ: "``/``"\nA: "``. The lettered protocol (``--answer-scoring letters``)
+always lists the choices as ``A. ...`` and ends with ``"Answer:"``: its class tokens are the letters.
 """
 
 from __future__ import annotations
@@ -18,6 +23,24 @@ from pathlib import Path
 from typing import Any
 
 from blob_pyro.data.examples import MultipleChoiceExample, MultipleChoiceTask, keep_common_choice_count
+from blob_pyro.data.prompts import PromptFormat
+
+_STRING_FIELDS = ("task_prefix", "example_input_prefix", "example_output_prefix", "choice_prefix")
+
+
+def _prompt_format(data: dict, path: Path) -> PromptFormat:
+    for name in _STRING_FIELDS:
+        if name in data and not isinstance(data[name], str):
+            raise ValueError(f"{path}: {name!r} must be a string, found {type(data[name]).__name__}; fix or remove the field.")
+    append = data.get("append_choices_to_input", False)
+    if not isinstance(append, bool):
+        raise ValueError(f"{path}: 'append_choices_to_input' must be true or false, found {append!r}.")
+    return PromptFormat(
+        input_prefix=data.get("example_input_prefix", ""),
+        output_prefix=data.get("example_output_prefix"),
+        choice_prefix=data.get("choice_prefix"),
+        append_choices=append,
+    )
 
 
 def _parse_example(raw: Any, *, index: int, path: Path) -> MultipleChoiceExample:
@@ -112,9 +135,8 @@ def load_bigbench(path: str | os.PathLike[str], *, drop_mismatched_choices: bool
 
     choice_sets = {example.choices for example in examples}
     label_names = next(iter(choice_sets)) if len(choice_sets) == 1 else None
+    prompt_format = _prompt_format(data, path)
     task_prefix = data.get("task_prefix", "")
-    if not isinstance(task_prefix, str):
-        raise ValueError(f"{path}: 'task_prefix' must be a string, found {type(task_prefix).__name__}.")
     return MultipleChoiceTask(
         name=str(data.get("name") or path.stem),
         examples=examples,
@@ -123,4 +145,5 @@ def load_bigbench(path: str | os.PathLike[str], *, drop_mismatched_choices: bool
         task_prefix=task_prefix,
         label_names=label_names,
         file_indices=file_indices,
+        prompt_format=prompt_format,
     )

@@ -3,7 +3,7 @@
 The letter protocol of the BLoB paper (lettered choices, the logits of " A", " B", ... after "Answer:")
 needs a model that can bind letters to choices; a 135M model cannot learn that from a few hundred
 examples (our measurements, README "Learning first"). Here each choice is a continuation of the
-prompt ``"{task prefix}{question}\\nAnswer:"`` and its class logit is the mean log-probability of its
+prompt ``"{task prefix}{question}\\nAnswer:"`` (or the task's own prompt fields) and its class logit is the mean log-probability of its
 tokens (the lm-evaluation-harness "acc_norm"-style score, per token). One sequence per choice.
 """
 
@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from blob_pyro.data.examples import MultipleChoiceExample
-from blob_pyro.data.prompts import ANSWER_CUE, classification_text
+from blob_pyro.data.prompts import DEFAULT_FORMAT, PromptFormat, choice_likelihood_prompt
 
 __all__ = ["EncodedChoices", "encode_choice_continuations", "iterate_choice_batches"]
 
@@ -53,9 +53,11 @@ def _ids(tokenizer: Any, text: str, *, add_special_tokens: bool) -> list[int]:
 
 
 def encode_choice_continuations(
-    examples: Sequence[MultipleChoiceExample], tokenizer: Any, *, task_prefix: str = "", max_length: int = 512
+    examples: Sequence[MultipleChoiceExample], tokenizer: Any, *, task_prefix: str = "", max_length: int = 512,
+    prompt_format: PromptFormat | None = None,
 ) -> EncodedChoices:
-    """Tokenize every prompt once and every choice as its continuation.
+    """Tokenize every prompt once (:func:`blob_pyro.data.prompts.choice_likelihood_prompt`) and every
+    choice as its continuation (``" " + choice``).
 
     A prompt longer than ``max_length`` minus the longest continuation loses tokens from its left
     (the start of the context); the question's end, "Answer:" and the choices are kept.
@@ -65,7 +67,8 @@ def encode_choice_continuations(
         conts = [_ids(tokenizer, " " + choice.strip(), add_special_tokens=False) for choice in example.choices]
         if any(len(c) == 0 for c in conts):
             raise ValueError(f"example {index}: a choice tokenizes to nothing; every choice needs text")
-        prompt = _ids(tokenizer, f"{classification_text(example, task_prefix=task_prefix)}\n{ANSWER_CUE}", add_special_tokens=True)
+        text = choice_likelihood_prompt(example, task_prefix=task_prefix, prompt_format=prompt_format or DEFAULT_FORMAT)
+        prompt = _ids(tokenizer, text, add_special_tokens=True)
         budget = max_length - max(len(c) for c in conts)
         if budget < 8:
             raise ValueError(f"example {index}: its choices alone need {max_length - budget} of --max-length {max_length} tokens; raise --max-length")

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from blob_pyro.data.examples import MultipleChoiceExample
-from blob_pyro.data.prompts import answer_label_strings, choices_block, classification_text
+from blob_pyro.data.prompts import DEFAULT_FORMAT, PromptFormat, answer_label_strings, choices_block, classification_text
 
 
 @dataclass
@@ -58,9 +58,10 @@ def _special_token_wrapping(tokenizer: Any) -> tuple[list[int], list[int]]:
 
 
 def _encode_prompt(
-    example: MultipleChoiceExample, tokenizer: Any, *, task_prefix: str, max_length: int, index: int
+    example: MultipleChoiceExample, tokenizer: Any, *, task_prefix: str, max_length: int, index: int,
+    prompt_format: PromptFormat = DEFAULT_FORMAT,
 ) -> list[int]:
-    head = classification_text(example, task_prefix="")
+    head = classification_text(example, task_prefix="", prompt_format=prompt_format)
     tail = "\n" + choices_block(example.choices)
     ids = _ids(tokenizer, task_prefix + head + tail, add_special_tokens=True)
     if len(ids) <= max_length:
@@ -82,9 +83,11 @@ def _encode_prompt(
 
 
 def encode_multiple_choice(
-    examples: Sequence[MultipleChoiceExample], tokenizer: Any, *, task_prefix: str = "", max_length: int = 512
+    examples: Sequence[MultipleChoiceExample], tokenizer: Any, *, task_prefix: str = "", max_length: int = 512,
+    prompt_format: PromptFormat | None = None,
 ) -> EncodedSplit:
-    """Tokenize lettered prompts (:func:`blob_pyro.data.format_prompt`) for a causal LM.
+    """Tokenize lettered prompts (:func:`blob_pyro.data.format_prompt`) for a causal LM. Of a task's
+    ``prompt_format`` only ``input_prefix`` applies: the lettered protocol fixes the choices block and cue.
 
     A prompt longer than ``max_length`` tokens loses tokens from the LEFT of its question/context
     only; the task prefix, the choices block and the trailing ``"Answer:"`` are always kept.
@@ -102,7 +105,8 @@ def encode_multiple_choice(
         ValueError: If even the task prefix and choices block do not fit in ``max_length``.
     """
     input_ids = [
-        _encode_prompt(example, tokenizer, task_prefix=task_prefix, max_length=max_length, index=i)
+        _encode_prompt(example, tokenizer, task_prefix=task_prefix, max_length=max_length, index=i,
+                       prompt_format=prompt_format or DEFAULT_FORMAT)
         for i, example in enumerate(examples)
     ]
     return EncodedSplit(input_ids=input_ids, labels=torch.tensor([e.label for e in examples], dtype=torch.long))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass
+from typing import Optional
 
 
 SPLIT_ROLES = ("train", "validation")
@@ -60,6 +61,8 @@ class MultipleChoiceTask:
             (``"train"``, ``"validation"``) -> positions in ``examples``. ``None`` (BIG-bench, local
             tables): the run makes a seeded stratified split.
         split_procedure: Where ``splits`` came from, for the run record (e.g. hub split names).
+        prompt_format: The task's own prompt fields (:class:`blob_pyro.data.prompts.PromptFormat`,
+            e.g. BIG-bench ``example_output_prefix``); ``None`` = the package's layout.
     """
 
     name: str
@@ -71,6 +74,7 @@ class MultipleChoiceTask:
     file_indices: tuple[int, ...] | None = None
     splits: dict[str, tuple[int, ...]] | None = None
     split_procedure: str = ""
+    prompt_format: Optional["PromptFormat"] = None  # noqa: F821 (blob_pyro.data.prompts imports this module)
 
     def __post_init__(self) -> None:
         for index, example in enumerate(self.examples):

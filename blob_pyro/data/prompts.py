@@ -8,12 +8,52 @@ ends with ``"Answer:"``, and the model's next-token logits restricted to the ans
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Optional
+
 from blob_pyro.data.examples import MultipleChoiceExample
 
 ANSWER_LETTERS = "ABCDEFGHIJ"
 """Letters used to label choices; a task may have at most ``len(ANSWER_LETTERS)`` choices."""
 
 ANSWER_CUE = "Answer:"
+
+
+@dataclass(frozen=True)
+class PromptFormat:
+    """A task's own prompt fields (BIG-bench ``example_input_prefix``, ``example_output_prefix``,
+    ``choice_prefix``, ``append_choices_to_input``). The defaults are this package's layout, used for
+    every field a task file does not set (BIG-bench's implicit ``"\\nQ: "``/``"\\nA: "`` are not applied).
+
+    Attributes:
+        input_prefix: Text before each question (after the task prefix).
+        output_prefix: Text between the question (and listed choices) and the answer; ``None`` =
+            ``"\\nAnswer:"``. Trailing whitespace is dropped: the answer continuation carries its own
+            leading space, as BPE tokenizers expect.
+        choice_prefix: Text before each listed choice when ``append_choices``; ``None`` = BIG-bench's
+            ``"\\n choice: "``.
+        append_choices: List the choices in the prompt (choice-likelihood scoring; lettered prompts
+            always list them, with letters).
+    """
+
+    input_prefix: str = ""
+    output_prefix: Optional[str] = None
+    choice_prefix: Optional[str] = None
+    append_choices: bool = False
+
+    def answer_cue(self) -> str:
+        """The text that ends a choice-likelihood prompt, e.g. ``"\\nAnswer:"``."""
+        return ("\n" + ANSWER_CUE) if self.output_prefix is None else self.output_prefix.rstrip()
+
+    def listed_choices(self, choices) -> str:
+        """``""``, or every choice after ``choice_prefix`` when ``append_choices``."""
+        if not self.append_choices:
+            return ""
+        prefix = "\n choice: " if self.choice_prefix is None else self.choice_prefix
+        return "".join(f"{prefix}{choice.strip()}" for choice in choices)
+
+
+DEFAULT_FORMAT = PromptFormat()
 
 
 def _check_num_choices(num_choices: int) -> None:
@@ -53,10 +93,26 @@ def format_prompt(example: MultipleChoiceExample, *, task_prefix: str = "", lett
     return f"{classification_text(example, task_prefix=task_prefix)}\n{choices_block(example.choices, letters=letters)}"
 
 
-def classification_text(example: MultipleChoiceExample, *, task_prefix: str = "") -> str:
-    """The question alone with the task prefix, for sequence classification of tasks whose
+def classification_text(
+    example: MultipleChoiceExample, *, task_prefix: str = "", prompt_format: PromptFormat = DEFAULT_FORMAT
+) -> str:
+    """The question alone with the task and input prefixes, for sequence classification of tasks whose
     choices are fixed class labels (the choices are the classes, so they are not in the text)."""
-    return f"{task_prefix}{example.question.strip()}"
+    return f"{task_prefix}{prompt_format.input_prefix}{example.question.strip()}"
+
+
+def choice_likelihood_prompt(
+    example: MultipleChoiceExample, *, task_prefix: str = "", prompt_format: PromptFormat = DEFAULT_FORMAT
+) -> str:
+    """The prompt each choice continues under choice-likelihood scoring::
+
+        {task_prefix}{input_prefix}{question}[{choice_prefix}{choice} ...]{output_prefix or "\\nAnswer:"}
+    """
+    return (
+        classification_text(example, task_prefix=task_prefix, prompt_format=prompt_format)
+        + prompt_format.listed_choices(example.choices)
+        + prompt_format.answer_cue()
+    )
 
 
 def answer_label_strings(num_choices: int) -> list[str]:

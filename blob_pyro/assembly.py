@@ -6,10 +6,11 @@ can call them one by one from Python.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.resources
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Iterator, Optional, Sequence
 
 import numpy as np
 import torch
@@ -123,11 +124,21 @@ def encode_examples(cfg: TrainConfig, task: MultipleChoiceTask, tokenizer, examp
     return encode_text_classification(texts, [e.label for e in examples], tokenizer, max_length=cfg.max_length)
 
 
+def length_sorted(positions: Sequence[int], encoded) -> tuple[list[int], object]:
+    """Evaluation order: ``positions`` and their ``encoded`` examples sorted by padded width (stable),
+    so each dynamically padded batch holds similar lengths (~25 % fewer tokens on the BIG-bench tasks).
+    Metrics do not depend on example order; predictions files follow this order."""
+    order = sorted(range(len(positions)), key=encoded.widths().__getitem__)
+    return [positions[i] for i in order], encoded.select(order)
+
+
 def prepare_data(cfg: TrainConfig, task: MultipleChoiceTask, split: Split, tokenizer) -> TaskData:
-    """Tokenize the train and validation examples once."""
+    """Tokenize the train and validation examples once. The validation examples are put in
+    :func:`length_sorted` order, and ``TaskData.split.validation`` follows it (record that split)."""
     pick = lambda idx: [task.examples[i] for i in idx]  # noqa: E731
     train = encode_examples(cfg, task, tokenizer, pick(split.train))
-    validation = encode_examples(cfg, task, tokenizer, pick(split.validation))
+    validation_positions, validation = length_sorted(split.validation, encode_examples(cfg, task, tokenizer, pick(split.validation)))
+    split = dataclasses.replace(split, validation=validation_positions)
     ids = answer_token_ids(tokenizer, task.num_choices) if uses_answer_letters(cfg) else None
     return TaskData(task, split, train, validation, tokenizer.pad_token_id, tokenizer.padding_side, ids)
 

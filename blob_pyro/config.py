@@ -62,6 +62,7 @@ class TrainConfig:
     guide_rank: int = _f(8, "lowrank guide: rank of the covariance factor")
     init_scale: float = _f(0.0025, "normal/lowrank guides: initial posterior scale (BLoB's initial std is eps^2 = 0.0025)")
     method: str = _f("svi", "svi: train the --guide by SVI. Baselines (blob_pyro.baselines): mc_dropout (LoRA dropout kept on at test, --eval-samples passes; needs --lora-dropout > 0), ensemble (--ensemble-size runs of --guide with seeds seed, seed+1000, ...; probabilities averaged), laplace (post-hoc Laplace over the LoRA parameters of a --guide map/mle run), tfb (training-free Bayesianization of a --guide map/mle run)", ["svi", "mc_dropout", "ensemble", "laplace", "tfb"])
+    base_run: Optional[str] = _f(None, "laplace, tfb: fit post hoc to this finished run directory (e.g. the MAP / MLE run of the same seed) instead of training a new base run; ensemble: use it as member 0. Its config must match this run's in model, data, adapter and seed")
     ensemble_size: int = _f(3, "ensemble: number of independently seeded members")
     laplace_hessian: str = _f("diag", "laplace: curvature of the LoRA parameters: diag (diagonal GGN; exact for the categorical likelihood, K backward passes per example) or diag_ef (empirical Fisher, one per example)", ["diag", "diag_ef"])
     laplace_prior_precision: float = _f(0.0, "laplace: prior precision of the LoRA parameters; 0 = tune it by maximising the Laplace marginal likelihood")
@@ -70,6 +71,7 @@ class TrainConfig:
     tfb_anchor_size: int = _f(64, "tfb: training examples in the anchor set of the variance search")
     tfb_nll_tolerance: float = _f(0.01, "tfb: largest allowed increase of the anchor NLL (nats per example) over the point estimate's")
     tfb_search_steps: int = _f(10, "tfb: bisection steps of the log-std search")
+    tfb_search_samples: int = _f(0, "tfb: posterior draws per candidate std in the search (0 = --eval-samples); fewer makes the search cheaper")
     tfb_max_std: float = _f(0.1, "tfb: upper end of the std search interval")
     eps: float = _f(0.05, "BLoB: initial G ~ U(eps/sqrt(2), eps), std = G^2")
     objective: str = _f("elbo", "elbo: textbook ELBO through pyro SVI; parity: the official BLoB update rule (AdamW on NLL + SGD on pi*KL)", ["elbo", "parity"])
@@ -82,7 +84,7 @@ class TrainConfig:
     flipout: str = _f("none", "flipout on A during training: none, token (official per-token signs) or sequence (exactly unbiased per example)", ["none", "token", "sequence"])
 
     # Optimisation
-    max_steps: int = _f(300, "training steps (minibatches)")
+    max_steps: int = _f(200, "training steps (minibatches); 200 keeps the default run near ten minutes on 2 CPU cores")
     batch_size: int = _f(4, "training minibatch size")
     lr: float = _f(1e-3, "AdamW learning rate (peak, after warm-up); 1e-3 learns social_iqa on SmolLM2-135M in 300 steps (README 'Learning first')")
     weight_decay: float = _f(0.0, "AdamW weight decay")
@@ -147,6 +149,8 @@ class TrainConfig:
             raise ValueError(f"unknown guide {self.guide!r}; valid names: {sorted(GUIDES)}")
         if not self.target_modules.strip():
             raise ValueError("--target-modules is empty; e.g. q_proj,v_proj,lm_head")
+        if self.tfb_search_samples < 0:
+            raise ValueError(f"--tfb-search-samples must be >= 0 (0 = --eval-samples), got {self.tfb_search_samples}")
         for name in ["guide_rank", "ensemble_size", "tfb_anchor_size", "tfb_search_steps"]:
             if not (isinstance(getattr(self, name), int) and getattr(self, name) >= 1):
                 raise ValueError(f"--{_flag(name)} must be a positive integer, got {getattr(self, name)!r}")

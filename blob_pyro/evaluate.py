@@ -41,7 +41,7 @@ from tqdm.auto import tqdm
 
 from blob_pyro.assembly import (
     batches, build_guide, build_model, encode_examples, evaluation_positions, load_network, load_task, make_split,
-    prepare_data, resolve_device, resolve_dtype, uses_answer_letters,
+    length_sorted, prepare_data, resolve_device, resolve_dtype, uses_answer_letters,
 )
 from blob_pyro.checkpoint import load_adapter_and_guide
 from blob_pyro.config import TrainConfig, config_parser
@@ -269,13 +269,13 @@ def evaluate(cfg: EvaluateConfig) -> dict:
     for et in tasks:
         start = time.perf_counter()
         task = et.task
-        encoded = encode_examples(run_cfg, task, tokenizer, [task.examples[i] for i in et.positions])
+        positions, encoded = length_sorted(et.positions, encode_examples(run_cfg, task, tokenizer, [task.examples[i] for i in et.positions]))
         task_batches = batches(data, encoded, batch_size=cfg.eval_batch_size, device=device)
         labels = encoded.labels.numpy()
         tmodel = model if task is run_task else task_model(run_cfg, network, tokenizer, task, device)
         mean_probs = posterior_mean_probs(tmodel, guide, task_batches).numpy()
         draws = draw_predictive(tmodel, guide, task_batches, num_samples=num_draws, seed=cfg.seed, posterior_sites=posterior_sites)
-        file_ids = [int(task.file_indices[i]) if task.file_indices else int(i) for i in et.positions]
+        file_ids = [int(task.file_indices[i]) if task.file_indices else int(i) for i in positions]
         block = {"role": et.role, "source": task.source, "examples": et.held_out, "n_examples": len(labels),
                  "num_classes": task.num_choices, "mean": classification_metrics(mean_probs, labels, num_bins=cfg.num_bins)}
         if not point_estimate:

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from blob_pyro.baselines.common import save_predictions
 from blob_pyro.assembly import (
     batches, build_guide, uses_answer_letters, build_model, build_objective, encode_examples, evaluation_positions, load_network, load_task,
-    make_split, prepare_data, resolve_device, resolve_dtype, training_batches,
+    length_sorted, make_split, prepare_data, resolve_device, resolve_dtype, training_batches,
 )
 from blob_pyro.checkpoint import save_adapter_and_guide
 from blob_pyro.config import TrainConfig
@@ -79,11 +79,11 @@ def train(cfg: TrainConfig) -> dict:
     # Task, split, tokens (tokenized once)
     task = load_task(cfg)
     split = make_split(cfg, task)
-    (out / "split.json").write_text(json.dumps({"task": task.source, **split.remap(task.file_indices).to_dict()}) + "\n")
     log(f"task {task.name}: {len(task)} examples, {task.num_choices} choices; train {len(split.train)}, validation {len(split.validation)}")
     network, tokenizer = load_network(cfg, task.num_choices, dtype=resolve_dtype(cfg.base_dtype, device))
     network.to(device)
-    data = prepare_data(cfg, task, split, tokenizer)
+    data = prepare_data(cfg, task, split, tokenizer)  # validation in length order: split.json and predictions follow it
+    (out / "split.json").write_text(json.dumps({"task": task.source, **data.split.remap(task.file_indices).to_dict()}) + "\n")
     val_batches = batches(data, data.validation, batch_size=cfg.eval_batch_size, device=device)
     labels = data.validation.labels
     ood_sets = prepare_ood_tasks(cfg, data, tokenizer, device)  # before training: a bad --eval-tasks fails fast
@@ -175,7 +175,7 @@ def prepare_ood_tasks(cfg: TrainConfig, data, tokenizer, device) -> dict:
             log(f"warning: {name} classes {task.label_names} differ from {data.task.name}'s {data.task.label_names}; "
                 "class i is read as class i")
         positions = evaluation_positions(cfg, task)
-        encoded = encode_examples(cfg, task, tokenizer, [task.examples[i] for i in positions])
+        positions, encoded = length_sorted(positions, encode_examples(cfg, task, tokenizer, [task.examples[i] for i in positions]))
         ids = answer_token_ids(tokenizer, task.num_choices) if uses_answer_letters(cfg) else None
         sets[name] = {"spec": spec, "task": task, "positions": positions, "labels": encoded.labels, "answer_token_ids": ids,
                       "batches": batches(data, encoded, batch_size=cfg.eval_batch_size, device=device)}

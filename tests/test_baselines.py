@@ -230,3 +230,37 @@ def test_cli_rejects_inconsistent_baseline_options():
         TrainConfig(method="tfb", guide="blob")
     with pytest.raises(ValueError, match="pass --lora-dropout 0.1"):
         TrainConfig(method="mc_dropout")
+
+
+def test_post_hoc_baselines_reuse_a_matching_base_run_and_reject_a_mismatch(tmp_path, tiny_causal_lm_dir):
+    from blob_pyro.train import main
+    from tests.conftest import write_bigbench_task
+
+    task = write_bigbench_task(tmp_path / "task.json")
+    base = tmp_path / "mle"
+    base_metrics = main(_args(tiny_causal_lm_dir, task, base, "--guide", "mle"))
+    out = tmp_path / "tfb"
+    metrics = main(_args(tiny_causal_lm_dir, task, out, "--method", "tfb", "--guide", "mle", "--tfb-anchor-size", "8",
+                         "--tfb-search-steps", "2", "--base-run", str(base)))
+    assert not (out / "base").exists()  # nothing trained
+    assert metrics["mean"] == base_metrics["mean"]  # TFB's N = 0 is the reused run's point estimate
+    ens = main(_args(tiny_causal_lm_dir, task, tmp_path / "ens", "--method", "ensemble", "--guide", "mle",
+                     "--ensemble-size", "2", "--base-run", str(base)))
+    assert ens["member_0"] == base_metrics["mean"] and (tmp_path / "ens" / "member_1").exists()
+    assert not (tmp_path / "ens" / "member_0").exists()
+    with pytest.raises(ValueError, match=r"does not match this run \(rank: run has 2, this run needs 4"):
+        main(_args(tiny_causal_lm_dir, task, tmp_path / "bad", "--method", "tfb", "--guide", "mle", "--base-run", str(base), "--rank", "4"))
+    with pytest.raises(ValueError, match="no config.json"):
+        main(_args(tiny_causal_lm_dir, task, tmp_path / "bad2", "--method", "tfb", "--guide", "mle", "--base-run", str(tmp_path)))
+
+
+def test_compare_runs_base_methods_first_and_points_baselines_at_them(tmp_path, monkeypatch):
+    from blob_pyro import compare
+
+    assert compare.run_order(["tfb", "blob", "laplace", "mle", "map"]) == ["mle", "map", "tfb", "blob", "laplace"]
+    calls = []
+    monkeypatch.setattr(compare.subprocess, "run", lambda argv, check: calls.append(argv))
+    compare.run_one(tmp_path, "tfb", 3, ["--max-steps", "5"], methods=["mle", "tfb"])
+    compare.run_one(tmp_path, "laplace", 3, [], methods=["mle", "laplace"])  # no map run listed: trains its own
+    assert calls[0][-2:] == ["--base-run", str(compare.run_dir(tmp_path, "mle", 3))]
+    assert "--base-run" not in calls[1]

@@ -133,3 +133,18 @@ def test_encode_text_classification_cuts_the_context_from_the_left(tiny_bpe_toke
     assert len(ids) == 24 and ids[0] == tiny_bpe_tokenizer.bos_token_id  # special tokens kept
     assert tiny_bpe_tokenizer.decode(ids, skip_special_tokens=True).endswith("Is it common to see frost?")
     assert tiny_bpe_tokenizer.truncation_side == "right"  # the tokenizer is left as it was
+
+
+def test_length_sorted_orders_examples_by_padded_width_and_keeps_pairs(byte_tokenizer):
+    from blob_pyro.assembly import length_sorted
+    from blob_pyro.data import MultipleChoiceExample
+    from blob_pyro.data.choice_scoring import encode_choice_continuations
+
+    questions = ["a much longer question here?", "short?", "medium one?"]
+    examples = [MultipleChoiceExample(question=q, choices=("x", "yy"), label=i % 2) for i, q in enumerate(questions)]
+    for encode in (encode_multiple_choice, encode_choice_continuations):
+        encoded = encode(examples, byte_tokenizer)
+        positions, ordered = length_sorted([10, 11, 12], encoded)
+        assert positions == [11, 12, 10]
+        assert ordered.widths() == sorted(encoded.widths())
+        assert ordered.labels.tolist() == [1, 0, 0]

@@ -125,13 +125,43 @@ def write_baseline_run(cfg: TrainConfig, metrics: dict, probs_by_mode: dict, lab
     return metrics
 
 
+# Fields that must agree between a baseline and a reused --base-run (what shapes the model, data and seed).
+BASE_RUN_FIELDS = (
+    "model", "task", "task_format", "column_mapping", "task_type", "answer_scoring", "num_train", "num_validation",
+    "split_seed", "split_file", "max_length", "target_modules", "rank", "alpha", "seed", "max_steps", "batch_size",
+)
+REUSABLE_SUBDIRS = ("base", "member_0")
+
+
+def check_base_run(cfg: TrainConfig, base_dir, **overrides) -> Path:
+    """``base_dir`` if it is a finished run whose config agrees with ``cfg`` (plus ``overrides``) on every
+    :data:`BASE_RUN_FIELDS` entry and on the guide; else a ``ValueError`` naming the fields that differ."""
+    base_dir = Path(base_dir)
+    for name in ("config.json", "metrics.json", "adapter.safetensors"):
+        if not (base_dir / name).exists():
+            raise ValueError(f"--base-run {base_dir}: no {name}; point it at a finished python -m blob_pyro.train run directory")
+    recorded = json.loads((base_dir / "config.json").read_text())
+    expected = {**cfg.to_dict(), **overrides}
+    fields = [*BASE_RUN_FIELDS, "guide", "lora_dropout"]
+    differ = {f: (recorded.get(f), expected.get(f)) for f in fields if recorded.get(f) != expected.get(f)}
+    if differ:
+        detail = ", ".join(f"{f}: run has {a!r}, this run needs {b!r}" for f, (a, b) in differ.items())
+        raise ValueError(f"--base-run {base_dir} does not match this run ({detail}); rerun it with those values or drop --base-run")
+    return base_dir
+
+
 def train_base_run(cfg: TrainConfig, subdir: str, **overrides) -> Path:
     """Train (or reuse, if it already has ``metrics.json``) the SVI run a baseline builds on, in
-    ``<output_dir>/<subdir>`` with ``overrides`` applied to ``cfg``. Returns its directory."""
+    ``<output_dir>/<subdir>`` with ``overrides`` applied to ``cfg``. Returns its directory.
+
+    With ``cfg.base_run`` set, the ``base`` / ``member_0`` run is that directory instead (checked by
+    :func:`check_base_run`): the post-hoc baselines then cost no training."""
     from dataclasses import replace
 
     from blob_pyro.train import train
 
+    if cfg.base_run and subdir in REUSABLE_SUBDIRS:
+        return check_base_run(cfg, cfg.base_run, **{k: v for k, v in overrides.items() if k != "seed"})
     run_dir = Path(cfg.output_dir) / subdir
     if not (run_dir / "metrics.json").exists():
         train(replace(cfg, method="svi", output_dir=str(run_dir), overwrite=True, **overrides))

@@ -71,6 +71,7 @@ def run(cfg) -> dict:
     anchor_batches = make_batches(data, anchor, batch_size=cfg.eval_batch_size, device=loaded.device)
     anchor_labels = anchor.labels.numpy()
     samples = max(cfg.eval_samples, 1)
+    search_samples = cfg.tfb_search_samples or samples
     locs, unit_scales = tfb_posterior(model, loaded.guide, 1.0)  # scales are linear in sigma
     base_nll = negative_log_likelihood(posterior_mean_probs(model, FixedGaussianGuide(model, locs, unit_scales), anchor_batches).numpy(), anchor_labels)
     trace = []
@@ -78,7 +79,7 @@ def run(cfg) -> dict:
     def degradation(sigma: float) -> float:
         torch.manual_seed(cfg.seed)  # common random numbers: the same noise for every sigma
         guide = FixedGaussianGuide(model, locs, {k: v * sigma for k, v in unit_scales.items()})
-        probs = sample_probs(model, guide, anchor_batches, num_samples=samples).mean(0).numpy()
+        probs = sample_probs(model, guide, anchor_batches, num_samples=search_samples).mean(0).numpy()
         value = negative_log_likelihood(probs, anchor_labels) - base_nll
         trace.append({"sigma": sigma, "nll_increase": value})
         return value
@@ -94,7 +95,7 @@ def run(cfg) -> dict:
     metrics = {k: base_metrics[k] for k in ("zero_shot", "mean") if k in base_metrics}
     metrics[name] = classification_metrics(draws.mean(0).numpy(), labels.numpy())
     info = {"method": "tfb", "base_run": "base", "sigma": sigma, "anchor_size": anchor_size, "anchor_nll": base_nll,
-            "search": trace, "num_samples": samples, "wall_seconds": time.perf_counter() - start}
+            "search": trace, "search_samples": search_samples, "num_samples": samples, "wall_seconds": time.perf_counter() - start}
     print(f"TFB: sigma = {sigma:.4g} (anchor NLL {base_nll:.4f}, tolerance {cfg.tfb_nll_tolerance})")
     return write_baseline_run(cfg, metrics, {name: draws.mean(0)}, labels, info)
 

@@ -47,6 +47,15 @@ class EncodedChoices:
         """The first ``size`` examples."""
         return EncodedChoices(self.prompts[:size], self.continuations[:size], self.labels[:size])
 
+    def select(self, order) -> "EncodedChoices":
+        """The examples at positions ``order``, in that order."""
+        order = list(order)
+        return EncodedChoices([self.prompts[i] for i in order], [self.continuations[i] for i in order], self.labels[order])
+
+    def widths(self) -> list[int]:
+        """Padded width each example needs: prompt plus its longest choice."""
+        return [len(p) + max(len(c) for c in conts) for p, conts in zip(self.prompts, self.continuations)]
+
 
 def _ids(tokenizer: Any, text: str, *, add_special_tokens: bool) -> list[int]:
     return list(tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])

@@ -41,6 +41,15 @@ class EncodedSplit:
         """The first ``size`` examples."""
         return EncodedSplit(self.input_ids[:size], self.labels[:size])
 
+    def select(self, order) -> "EncodedSplit":
+        """The examples at positions ``order``, in that order."""
+        order = list(order)
+        return EncodedSplit([self.input_ids[i] for i in order], self.labels[order])
+
+    def widths(self) -> list[int]:
+        """Padded width each example needs: its token count."""
+        return [len(ids) for ids in self.input_ids]
+
 
 def _ids(tokenizer: Any, text: str, *, add_special_tokens: bool) -> list[int]:
     return list(tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])

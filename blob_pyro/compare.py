@@ -90,9 +90,32 @@ def run_one(output_dir: Path, method: str, seed: int, train_args: list[str], *, 
     return path
 
 
+def _row(name: str, mode: str, entries: list[dict], wall: float) -> dict:
+    row = {"method": name, "mode": mode, "seeds": len(entries), "n": entries[0]["n_examples"], "wall_seconds": wall}
+    for key, _, factor in METRICS:
+        values = np.array([e[key] * factor for e in entries])
+        row[f"{key}_mean"] = float(values.mean())
+        row[f"{key}_std"] = float(values.std(ddof=1)) if len(values) > 1 else float("nan")
+    return row
+
+
+def zero_shot_row(output_dir: Path, methods: Sequence[str], seeds: Sequence[int]) -> Optional[dict]:
+    """The pretrained model before training (B = 0), per seed from the first method's run that evaluated it
+    (the split, hence the validation set, is the same for every method of a seed); ``None`` if none did."""
+    entries = []
+    for seed in seeds:
+        for method in methods:
+            metrics = json.loads((run_dir(output_dir, method, seed) / "metrics.json").read_text())
+            if "zero_shot" in metrics:
+                entries.append(metrics["zero_shot"])
+                break
+    return _row("zero-shot (B = 0)", "mean", entries, float("nan")) if entries else None
+
+
 def summarise(output_dir: Path, methods: Sequence[str], seeds: Sequence[int]) -> list[dict]:
-    """One row per method (and per method's N = 0 pass): mean and std over seeds of every metric."""
-    rows = []
+    """One row per method (and per method's N = 0 pass): mean and std over seeds of every metric; first a
+    zero-shot row when the runs evaluated the base model."""
+    rows = [r for r in [zero_shot_row(output_dir, methods, seeds)] if r]
     for method in methods:
         per_mode: dict[str, list[dict]] = {}
         walls = []
@@ -107,13 +130,7 @@ def summarise(output_dir: Path, methods: Sequence[str], seeds: Sequence[int]) ->
             if info.exists():
                 walls.append(json.loads(info.read_text()).get("wall_seconds", float("nan")))
         for name, entries in per_mode.items():
-            row = {"method": name, "mode": entries[0]["mode"], "seeds": len(entries), "n": entries[0]["n_examples"],
-                   "wall_seconds": float(np.nansum(walls)) if name == method else float("nan")}
-            for key, _, factor in METRICS:
-                values = np.array([e[key] * factor for e in entries])
-                row[f"{key}_mean"] = float(values.mean())
-                row[f"{key}_std"] = float(values.std(ddof=1)) if len(values) > 1 else float("nan")
-            rows.append(row)
+            rows.append(_row(name, entries[0]["mode"], entries, float(np.nansum(walls)) if name == method else float("nan")))
     return rows
 
 

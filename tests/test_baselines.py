@@ -166,8 +166,9 @@ def test_compare_tables_diagrams_and_reuse(tmp_path):
         _fake_run(compare.run_dir(tmp_path, "mle", seed), probs, "mean")
     rows = compare.main(["--methods", "blob,mle", "--seeds", "1,2", "--output-dir", str(tmp_path), "--max-steps", "5"])
     names = [r["method"] for r in rows]
-    assert names == ["blob", "blob (N = 0)", "mle"]
-    blob = rows[0]
+    assert names == ["zero-shot (B = 0)", "blob", "blob (N = 0)", "mle"]
+    assert rows[0]["acc_mean"] == pytest.approx(50.0)  # from the blob runs' zero_shot block
+    blob = rows[1]
     assert blob["mode"] == "samples_10" and blob["acc_mean"] == pytest.approx(75.0) and blob["acc_std"] == pytest.approx(math.sqrt(2) * 25.0)
     text = (tmp_path / "results.md").read_text()
     assert "| blob | samples_10 | 2 | 4 | 75.00 ± 35.36 |" in text
@@ -201,6 +202,7 @@ def _args(model_dir, task, out, *extra):
     (["--method", "mc_dropout", "--guide", "mle", "--lora-dropout", "0.1"], "samples_2"),
     (["--method", "tfb", "--guide", "mle", "--tfb-anchor-size", "8", "--tfb-search-steps", "2"], "samples_2"),
     (["--method", "laplace", "--guide", "map", "--laplace-examples", "4"], "samples_2"),
+    (["--method", "laplace", "--guide", "map", "--laplace-hessian", "kfac", "--laplace-examples", "4"], "samples_2"),
     (["--method", "laplace", "--guide", "mle", "--laplace-predictive", "probit", "--laplace-hessian", "diag_ef"], "probit"),
     (["--guide", "meanfield", "--prior", "hierarchical"], "samples_2"),
     (["--guide", "lowrank", "--bayesian-sites", "lm_head"], "samples_2"),

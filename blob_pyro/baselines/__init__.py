@@ -6,7 +6,7 @@ files as a training run (``config.json``, ``metrics.json``, ``predictions.npz``,
 
 * ``mc_dropout``: LoRA dropout kept on at test time, ``--eval-samples`` passes (Gal & Ghahramani 2016).
 * ``ensemble``: ``--ensemble-size`` independently seeded runs, probabilities averaged (Lakshminarayanan 2017).
-* ``laplace``: post-hoc diagonal Laplace over the LoRA parameters of a MAP/MLE run (Yang et al. 2024).
+* ``laplace``: post-hoc Laplace (diagonal or KFAC) over the LoRA parameters of a MAP/MLE run (Yang et al. 2024).
 * ``tfb``: training-free Bayesianization of a MAP/MLE run (Shi et al. 2024, arXiv 2412.05723).
 """
 

@@ -109,8 +109,11 @@ class TaskData:
 
 def encode_examples(cfg: TrainConfig, task: MultipleChoiceTask, tokenizer, examples) -> EncodedSplit:
     if cfg.task_type == "causal_lm" and cfg.answer_scoring == "choice_loglik":
+        prompt_format = task.prompt_format or DEFAULT_FORMAT
+        if not cfg.list_choices:
+            prompt_format = dataclasses.replace(prompt_format, append_choices=False)
         return encode_choice_continuations(examples, tokenizer, task_prefix=task.task_prefix, max_length=cfg.max_length,
-                                           prompt_format=task.prompt_format)
+                                           prompt_format=prompt_format)
     if cfg.task_type == "causal_lm":
         return encode_multiple_choice(examples, tokenizer, task_prefix=task.task_prefix, max_length=cfg.max_length,
                                       prompt_format=task.prompt_format)

@@ -40,6 +40,7 @@ class TrainConfig:
     eval_task_size: int = _f(200, "examples evaluated per --eval-tasks task: a seeded stratified sample of its evaluation split (the whole file for tasks without splits); 0 = all")
     task_type: str = _f("causal_lm", "likelihood head: 'causal_lm' (answer-letter logits at the last position) or 'sequence_classification' (BERT-style)", ["causal_lm", "sequence_classification"])
     answer_scoring: str = _f("choice_loglik", "causal-LM multiple choice: 'choice_loglik' (default: each choice's mean token log-probability as a continuation of the question; K sequences per example) or 'letters' (the BLoB paper: lettered choices, softmax over the answer-letter logits after 'Answer:'; SmolLM2-135M stays at chance with it, see README 'Learning first')", ["choice_loglik", "letters"])
+    list_choices: bool = _f(False, "choice_loglik: list the choices in the prompt where the task asks for it (BIG-bench append_choices_to_input, with its choice_prefix). Off by default: with social_iqa's choices listed, SmolLM2-135M stayed at chance after 200 steps (README 'Learning first')")
     drop_mismatched_choices: bool = _f(True, "drop examples whose number of choices differs from the task's most common count (social_iqa has 4 such)")
     num_train: int = _f(640, "training examples in the seeded stratified split")
     num_validation: int = _f(100, "validation examples in the seeded stratified split (100 keeps the default run near ten minutes on 2 CPU cores; use 400+ for reported results)")

@@ -80,3 +80,15 @@ def test_malformed_prompt_fields_name_the_file_and_field(tmp_path, field, value)
 def test_prompt_format_defaults():
     fmt = PromptFormat()
     assert fmt.answer_cue() == "\nAnswer:" and fmt.listed_choices(("a", "b")) == ""
+
+
+def test_choices_are_listed_in_choice_likelihood_prompts_only_with_list_choices(tmp_path, byte_tokenizer):
+    from blob_pyro.assembly import encode_examples
+    from blob_pyro.config import TrainConfig
+
+    task = load_bigbench(_write(tmp_path, append_choices_to_input=True, choice_prefix="\n* "))
+    decode = lambda ids: byte_tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
+    plain = encode_examples(TrainConfig(), task, byte_tokenizer, task.examples)
+    listed = encode_examples(TrainConfig(list_choices=True), task, byte_tokenizer, task.examples)
+    assert decode(plain.prompts[0]) == "Is snow cold?\nAnswer:"
+    assert decode(listed.prompts[0]) == "Is snow cold?\n* yes\n* no\nAnswer:"

@@ -73,6 +73,7 @@ class TrainConfig:
     tfb_nll_tolerance: float = _f(0.01, "tfb: largest allowed increase of the anchor NLL (nats per example) over the point estimate's")
     tfb_search_steps: int = _f(10, "tfb: bisection steps of the log-std search")
     tfb_search_samples: int = _f(0, "tfb: posterior draws per candidate std in the search (0 = --eval-samples); fewer makes the search cheaper")
+    tfb_min_std: float = _f(1e-5, "tfb: lower end of the log-std search; if even it breaks the tolerance the posterior is the point estimate")
     tfb_max_std: float = _f(0.1, "tfb: upper end of the std search interval")
     eps: float = _f(0.05, "BLoB: initial G ~ U(eps/sqrt(2), eps), std = G^2")
     objective: str = _f("elbo", "elbo: textbook ELBO through pyro SVI; parity: the official BLoB update rule (AdamW on NLL + SGD on pi*KL)", ["elbo", "parity"])
@@ -155,7 +156,9 @@ class TrainConfig:
         for name in ["guide_rank", "ensemble_size", "tfb_anchor_size", "tfb_search_steps"]:
             if not (isinstance(getattr(self, name), int) and getattr(self, name) >= 1):
                 raise ValueError(f"--{_flag(name)} must be a positive integer, got {getattr(self, name)!r}")
-        for name in ["init_scale", "tfb_nll_tolerance", "tfb_max_std"]:
+        if not self.tfb_min_std < self.tfb_max_std:
+            raise ValueError(f"--tfb-min-std ({self.tfb_min_std}) must be below --tfb-max-std ({self.tfb_max_std})")
+        for name in ["init_scale", "tfb_nll_tolerance", "tfb_min_std", "tfb_max_std"]:
             if not (math.isfinite(getattr(self, name)) and getattr(self, name) > 0):
                 raise ValueError(f"--{_flag(name)} must be a finite positive number, got {getattr(self, name)!r}")
         if not (math.isfinite(self.laplace_prior_precision) and self.laplace_prior_precision >= 0):

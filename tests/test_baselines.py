@@ -39,9 +39,17 @@ def test_tfb_search_is_monotone_in_the_tolerance_and_finds_the_boundary():
     tolerances = [1e-4, 1e-3, 1e-2, 3e-2]
     found = [largest_admissible_std(degradation, tolerance=t, upper=1.0, steps=20) for t in tolerances]
     assert all(a < b for a, b in zip(found, found[1:]))
-    for t, s in zip(tolerances, found):
-        assert degradation(s) <= t and s == pytest.approx(math.sqrt(t), abs=2 ** -20 + 1e-9)
+    for t, s in zip(tolerances, found):  # 20 halvings of log(1 / 1e-5) = 11.5: relative error < 2e-5
+        assert degradation(s) <= t and s == pytest.approx(math.sqrt(t), rel=2e-5)
     assert largest_admissible_std(degradation, tolerance=2.0, upper=1.0, steps=5) == 1.0
+    # a tiny boundary (small singular values of B) is still found, not rounded to 0 as a linear search would
+    assert largest_admissible_std(degradation, tolerance=1e-8, upper=0.1, steps=20) == pytest.approx(1e-4, rel=1e-4)
+    # nothing admissible: the point estimate, and its "std" stays a valid Normal scale
+    assert largest_admissible_std(lambda s: 1.0, tolerance=0.01, upper=0.1, steps=5) == 0.0
+    from blob_pyro.baselines.tfb import scaled
+    assert (scaled({"a": torch.ones(2, 3)}, 0.0)["a"] > 0).all()
+    with pytest.raises(ValueError, match="tfb-min-std"):
+        largest_admissible_std(degradation, tolerance=0.1, upper=0.1, lower=0.2, steps=3)
 
 
 def test_tfb_rotation_keeps_the_update_and_makes_weight_noise_isotropic():

@@ -5,12 +5,13 @@ For each adapter with point estimates (B, A): thin SVD ``B = U diag(d) V^T``; re
 ``Omega_ij = sigma / d_i``: the induced noise on the weight update ``B' (A - A')`` is then isotropic with
 std ``sigma`` in the column space of B (the paper's "low-rank isotropic Gaussian"). One scalar sigma is
 shared by every layer and chosen as the LARGEST value whose anchor-set NLL (MC predictive, common random
-numbers) exceeds the point estimate's by at most ``--tfb-nll-tolerance`` nats: a bisection on
-``[0, --tfb-max-std]`` (:func:`largest_admissible_std`). No gradient, no training.
+numbers) exceeds the point estimate's by at most ``--tfb-nll-tolerance`` nats: a bisection in log sigma on
+``[--tfb-min-std, --tfb-max-std]`` (:func:`largest_admissible_std`; 0 if even the minimum is too much). No gradient, no training.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from typing import Callable
 
@@ -21,27 +22,42 @@ from blob_pyro.evaluation.predictive import posterior_mean_probs, sample_probs
 
 from .common import FixedGaussianGuide, load_run, read_metrics, train_base_run, write_baseline_run
 
-__all__ = ["largest_admissible_std", "tfb_posterior", "run"]
+__all__ = ["largest_admissible_std", "scaled", "tfb_posterior", "run"]
 
 MIN_SINGULAR_VALUE = 1e-6
 
 
-def largest_admissible_std(degradation: Callable[[float], float], *, tolerance: float, upper: float, steps: int) -> float:
-    """Bisection for the largest ``sigma`` in ``[0, upper]`` with ``degradation(sigma) <= tolerance``.
+def largest_admissible_std(
+    degradation: Callable[[float], float], *, tolerance: float, upper: float, steps: int, lower: float = 1e-5
+) -> float:
+    """Bisection in ``log sigma`` for the largest ``sigma`` in ``[lower, upper]`` with
+    ``degradation(sigma) <= tolerance``.
 
-    Assumes ``degradation`` is non-decreasing (more noise, worse anchor NLL); returns ``upper`` if even it
-    is admissible, else the lower end of the final bracket (always admissible, possibly 0).
+    Assumes ``degradation`` is non-decreasing (more noise, worse anchor NLL). Returns ``upper`` if even it
+    is admissible, ``0.0`` (the point estimate) if even ``lower`` is not, else the lower end of the final
+    bracket (always admissible). A log scale matters: the admissible std spans orders of magnitude with the
+    singular values of B (small after a short run).
     """
+    if not 0 < lower < upper:
+        raise ValueError(f"TFB search needs 0 < lower ({lower}) < upper ({upper}); fix --tfb-min-std / --tfb-max-std")
     if degradation(upper) <= tolerance:
         return float(upper)
-    low, high = 0.0, float(upper)
+    if degradation(lower) > tolerance:
+        return 0.0
+    low, high = math.log(lower), math.log(upper)
     for _ in range(steps):
         mid = 0.5 * (low + high)
-        if degradation(mid) <= tolerance:
+        if degradation(math.exp(mid)) <= tolerance:
             low = mid
         else:
             high = mid
-    return low
+    return math.exp(low)
+
+
+def scaled(unit_scales: dict, sigma: float) -> dict:
+    """``{site: unit_scale * sigma}``, floored at 1e-12 so that ``sigma = 0`` (the point estimate) stays a
+    valid Normal."""
+    return {k: (v * sigma).clamp_min(1e-12) for k, v in unit_scales.items()}
 
 
 @torch.no_grad()
@@ -78,14 +94,18 @@ def run(cfg) -> dict:
 
     def degradation(sigma: float) -> float:
         torch.manual_seed(cfg.seed)  # common random numbers: the same noise for every sigma
-        guide = FixedGaussianGuide(model, locs, {k: v * sigma for k, v in unit_scales.items()})
+        guide = FixedGaussianGuide(model, locs, scaled(unit_scales, sigma))
         probs = sample_probs(model, guide, anchor_batches, num_samples=search_samples).mean(0).numpy()
         value = negative_log_likelihood(probs, anchor_labels) - base_nll
         trace.append({"sigma": sigma, "nll_increase": value})
         return value
 
-    sigma = largest_admissible_std(degradation, tolerance=cfg.tfb_nll_tolerance, upper=cfg.tfb_max_std, steps=cfg.tfb_search_steps)
-    guide = FixedGaussianGuide(model, locs, {k: v * sigma for k, v in unit_scales.items()})
+    sigma = largest_admissible_std(degradation, tolerance=cfg.tfb_nll_tolerance, upper=cfg.tfb_max_std,
+                                   lower=cfg.tfb_min_std, steps=cfg.tfb_search_steps)
+    if sigma == 0.0:
+        print(f"TFB: even sigma = {cfg.tfb_min_std:g} raises the anchor NLL by more than {cfg.tfb_nll_tolerance}: "
+              "the posterior is the point estimate (lower --tfb-min-std or raise --tfb-nll-tolerance)")
+    guide = FixedGaussianGuide(model, locs, scaled(unit_scales, sigma))
     val_batches = loaded.validation_batches()
     labels = data.validation.labels
     torch.manual_seed(cfg.seed)

@@ -1,6 +1,11 @@
+from pathlib import Path
+
 import pyro
 import pytest
 import torch
+
+SHARED_DIR = Path(__file__).resolve().parents[2] / "shared"  # ../shared beside the repository
+BIGBENCH_DIR = SHARED_DIR / "data" / "bigbench"  # the shared BIG-bench task files
 
 # Unit tests use tiny models: one thread avoids oversubscribing the (shared, 2-core) CPU.
 torch.set_num_threads(1)

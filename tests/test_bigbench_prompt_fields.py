@@ -2,7 +2,6 @@
 append_choices_to_input) reach the tokenized prompts of every scoring protocol."""
 
 import json
-from pathlib import Path
 
 import pytest
 
@@ -16,7 +15,7 @@ from blob_pyro.data import (
 )
 from blob_pyro.data.choice_scoring import encode_choice_continuations
 
-BIGBENCH_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "bigbench"
+from tests.conftest import BIGBENCH_DIR
 
 EXAMPLES = [
     {"input": "Is snow cold?", "target_scores": {"yes": 1, "no": 0}},

@@ -1,14 +1,13 @@
 """BIG-bench loader: the five shared task files, synthetic files and every malformed input."""
 
 import json
-from pathlib import Path
 
 import pytest
 
 from blob_pyro.data import MultipleChoiceExample, MultipleChoiceTask, load_bigbench
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
-BIGBENCH_DIR = SHARED / "data" / "bigbench"
+from tests.conftest import BIGBENCH_DIR
+
 needs_shared = pytest.mark.skipif(
     not BIGBENCH_DIR.is_dir(), reason=f"shared BIG-bench data not found at {BIGBENCH_DIR}"
 )

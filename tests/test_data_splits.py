@@ -2,15 +2,15 @@
 
 import json
 from collections import Counter
-from pathlib import Path
 
 import pytest
 
 from blob_pyro.data import Split, load_bigbench, load_split_file, stratified_split
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
+from tests.conftest import BIGBENCH_DIR, SHARED_DIR as SHARED
+
 SPLIT_FILE = SHARED / "data" / "splits" / "social_iqa_640_400_seed0.json"
-SOCIAL_IQA = SHARED / "data" / "bigbench" / "social_iqa.json"
+SOCIAL_IQA = BIGBENCH_DIR / "social_iqa.json"
 
 
 @pytest.mark.skipif(not (SPLIT_FILE.is_file() and SOCIAL_IQA.is_file()), reason=f"shared data not found under {SHARED}")

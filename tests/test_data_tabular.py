@@ -2,7 +2,6 @@
 resolver, and every malformed input."""
 
 import json
-from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -17,7 +16,7 @@ from blob_pyro.data import (
     task_spec_name,
 )
 
-BIGBENCH_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "bigbench"
+from tests.conftest import BIGBENCH_DIR
 
 ROWS = [
     {"question": "Where do fish live?", "choices": ["water", "trees", "sky"], "label": 0},

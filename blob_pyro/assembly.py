@@ -251,7 +251,7 @@ def build_objective(cfg: TrainConfig, model, guide, *, num_data: int):
     )
     if cfg.objective == "parity":
         return ParityObjective(model, guide, kllr=cfg.kllr, **common)
-    return ELBOObjective(model, guide, num_data=num_data, elbo=cfg.elbo, **common)
+    return ELBOObjective(model, guide, num_data=num_data, elbo=cfg.elbo, scale_lr_factor=cfg.scale_lr_factor, **common)
 
 
 def _to(batch: dict, device: torch.device) -> dict:

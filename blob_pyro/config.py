@@ -91,6 +91,7 @@ class TrainConfig:
     lr: float = _f(1e-3, "AdamW learning rate (peak, after warm-up); 1e-3 learns social_iqa on SmolLM2-135M in 300 steps (README 'Learning first')")
     weight_decay: float = _f(0.0, "AdamW weight decay")
     adam_eps: float = _f(1e-6, "AdamW epsilon")
+    scale_lr_factor: float = _f(1.0, "elbo objective: learning rate of the guide's spread parameters (BLoB's G, AutoNormal scales, low-rank scale/cov_factor) as a multiple of --lr. Adam moves a parameter by at most about its learning rate per step, so 150 steps at lr 1e-3 move G by at most ~0.075 and the std stays near where it started; raise this to let the std reach its KL/data balance (parity: use --kllr)")
     warmup_ratio: float = _f(0.06, "fraction of steps of linear LR warm-up (then linear decay to 0)")
     max_grad_norm: float = _f(1.0, "global gradient-norm clipping (0 disables)")
     seed: int = _f(1, "seed of initialisation, batching, sampling")
@@ -111,7 +112,7 @@ class TrainConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"--{_flag(name)} must be a positive integer, got {value!r}")
-        positive = ["alpha", "prior_scale", "prior_df", "eps", "lr", "kllr", "gamma", "adam_eps"]
+        positive = ["alpha", "prior_scale", "prior_df", "eps", "lr", "kllr", "gamma", "adam_eps", "scale_lr_factor"]
         for name in positive:
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
@@ -169,6 +170,8 @@ class TrainConfig:
             raise ValueError(f"--method {self.method} is post-hoc on a point estimate: use --guide map or mle, got --guide {self.guide}")
         if self.method == "mc_dropout" and self.lora_dropout == 0:
             raise ValueError("--method mc_dropout needs dropout to sample from: pass --lora-dropout 0.1 (the paper's value)")
+        if self.objective == "parity" and self.scale_lr_factor != 1.0:
+            raise ValueError("--scale-lr-factor applies to --objective elbo; the parity rule steps G by SGD at --kllr")
         if self.objective == "parity" and (self.bayesian_sites or self.prior == "hierarchical"):
             raise ValueError("--objective parity supports neither --bayesian-sites nor --prior hierarchical; use --objective elbo")
 

@@ -104,19 +104,21 @@ class ELBOObjective:
     :param num_data: N, the training-set size (the data plate's size).
     :param kl: a :class:`KLWeighting`. :param elbo: ``"trace"`` or ``"meanfield"``.
     :param flipout: None, ``"token"`` or ``"sequence"`` (guides that provide M only).
+    :param scale_lr_factor: the guide's spread parameters learn at ``lr * scale_lr_factor``.
     """
 
     def __init__(
         self, model, guide, *, num_data: int, total_steps: int, kl: KLWeighting, lr: float,
         weight_decay: float = 0.0, adam_eps: float = 1e-6, warmup_ratio: float = 0.06,
         max_grad_norm: Optional[float] = 1.0, elbo: str = "trace", flipout: Optional[str] = None,
+        scale_lr_factor: float = 1.0,
     ):
         if flipout is not None and not getattr(guide, "provides_flipout_loc", False):
             raise ValueError(f"flipout needs a guide that provides the mean of A (e.g. 'blob'), not {type(guide).__name__}")
         self.model, self.guide, self.num_data, self.kl, self.flipout = model, guide, num_data, kl, flipout
         self.optim = adamw_with_schedule(
             lr=lr, lr_factor=linear_warmup_decay(total_steps, warmup_ratio), weight_decay=weight_decay,
-            eps=adam_eps, max_grad_norm=max_grad_norm, loss_scale=num_data,
+            eps=adam_eps, max_grad_norm=max_grad_norm, loss_scale=num_data, scale_lr_factor=scale_lr_factor,
         )
         self.svi = SVI(model, guide, self.optim, make_elbo(elbo))
 

@@ -15,7 +15,9 @@ Output directory (default ``<run-dir>/evaluation``):
   and ``samples_<N>`` (average of N draws; omitted for point-estimate guides, whose draws all agree);
 * ``inference_data_<task>.nc``: ArviZ InferenceData (NetCDF), see :mod:`blob_pyro.evaluation.inference_data`;
 * ``uncertainty.json``: per-task uncertainty decomposition summaries, OOD detection (AUROC/AUPR by
-  max-probability, entropy, mutual information), AURC, posterior std of A per site;
+  max-probability, entropy, mutual information), AURC, posterior std of A per site and, for guides with
+  a per-site loc and scale, the weight-space size of the mean update against the sampled part
+  (``weight_space_spread``, :mod:`blob_pyro.evaluation.weight_space`);
 * ``per_example_<task>.json``: label, prediction, confidence, total/aleatoric/epistemic per example;
 * ``plots/``: ``reliability_<task>.png``, ``uncertainty_histograms.png``, ``accuracy_coverage.png``,
   ``posterior_std.png`` (guides with a scale only);
@@ -56,6 +58,7 @@ from blob_pyro.evaluation.plots import (
 from blob_pyro.evaluation.predictive import posterior_mean_probs
 from blob_pyro.evaluation.report import mode_name, results_table
 from blob_pyro.evaluation.uncertainty import per_example_table, selective_prediction, summarize_tasks, uncertainty_decomposition
+from blob_pyro.evaluation.weight_space import spread_by_layer
 from blob_pyro.models import AnswerTokenHead, BayesianLoRAModel, ChoiceLikelihoodHead, SequenceClassificationHead
 
 __all__ = ["EvaluateConfig", "evaluate", "main", "RUN_TASK"]
@@ -322,6 +325,8 @@ def evaluate(cfg: EvaluateConfig) -> dict:
                                     for site, s in stds.items()}
         posterior_std_per_layer(stds, plots / "posterior_std.png", prior_scale=run_cfg.prior_scale,
                                 title=f"Posterior std of LoRA A per layer (guide {run_cfg.guide}, prior {run_cfg.prior})")
+    if hasattr(guide, "loc") and hasattr(guide, "scale") and guide.site_names and not getattr(guide, "bayesian_B", False):
+        summary["weight_space_spread"] = spread_by_layer(model, guide)
 
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     (out / "uncertainty.json").write_text(json.dumps(summary, indent=2) + "\n")

@@ -118,6 +118,11 @@ def test_evaluate_writes_metrics_inference_data_uncertainty_and_plots(tiny_setup
     assert task["epistemic"]["mean"] > 0  # BLoB draws disagree
     assert "note_num_classes" in summary  # K = 3 vs K = 2 flagged
     assert len(summary["posterior_std"]) == 5
+    spread = summary["weight_space_spread"]
+    assert set(spread) == set(summary["posterior_std"])
+    for site, row in spread.items():
+        assert row["mean_std"] == pytest.approx(summary["posterior_std"][site]["mean"], rel=1e-5)
+        assert row["sampled_update_rms"] > 0 and row["ratio"] > 0
 
     for png in ["reliability_tiny_id", "reliability_tiny_ood", "uncertainty_histograms", "accuracy_coverage", "posterior_std"]:
         assert (out / "plots" / f"{png}.png").read_bytes()[:8] == PNG_MAGIC
@@ -173,6 +178,7 @@ def test_point_estimate_run_has_one_draw_and_no_posterior_std(tiny_setup, tmp_pa
     assert summary["tasks"]["tiny_id"]["epistemic"]["mean"] == 0.0
     assert summary["ood_detection"]["tiny_ood"]["mutual_information"]["auroc"] == 0.5
     assert not (out / "plots" / "posterior_std.png").exists()
+    assert "weight_space_spread" not in summary
     assert load_inference_data(out / "inference_data_tiny_id.nc").posterior_predictive["probs"].shape[1] == 1
 
 

@@ -3,7 +3,8 @@
 
 Each (method, seed) is one ``python -m blob_pyro.train`` run in ``<output-dir>/<method>/seed_<seed>`` (a
 subprocess, so memory is freed between runs). A run directory that already holds ``metrics.json`` is
-reused, so interrupting and rerunning continues where it stopped. Outputs in ``<output-dir>``:
+reused, so interrupting and rerunning continues where it stopped; ``--report-only`` starts no run and
+tables whatever has finished (the header names what has not). Outputs in ``<output-dir>``:
 
 * ``results.md`` and ``results.csv``: mean +- std over seeds (sample std, ddof = 1) of ACC %, ECE %
   (15 bins), NLL and Brier of each method's primary predictive (its ``samples_N`` if it samples, else the
@@ -99,12 +100,17 @@ def _row(name: str, mode: str, entries: list[dict], wall: float) -> dict:
     return row
 
 
+def finished_seeds(output_dir: Path, method: str, seeds: Sequence[int]) -> list[int]:
+    """The seeds of ``method`` whose run directory holds ``metrics.json``."""
+    return [seed for seed in seeds if (run_dir(output_dir, method, seed) / "metrics.json").is_file()]
+
+
 def zero_shot_row(output_dir: Path, methods: Sequence[str], seeds: Sequence[int]) -> Optional[dict]:
     """The pretrained model before training (B = 0), per seed from the first method's run that evaluated it
     (the split, hence the validation set, is the same for every method of a seed); ``None`` if none did."""
     entries = []
     for seed in seeds:
-        for method in methods:
+        for method in [m for m in methods if seed in finished_seeds(output_dir, m, seeds)]:
             metrics = json.loads((run_dir(output_dir, method, seed) / "metrics.json").read_text())
             if "zero_shot" in metrics:
                 entries.append(metrics["zero_shot"])
@@ -112,14 +118,15 @@ def zero_shot_row(output_dir: Path, methods: Sequence[str], seeds: Sequence[int]
     return _row("zero-shot (B = 0)", "mean", entries, float("nan")) if entries else None
 
 
-def summarise(output_dir: Path, methods: Sequence[str], seeds: Sequence[int]) -> list[dict]:
+def summarise(output_dir: Path, methods: Sequence[str], seeds: Sequence[int], *, finished_only: bool = False) -> list[dict]:
     """One row per method (and per method's N = 0 pass): mean and std over seeds of every metric; first a
-    zero-shot row when the runs evaluated the base model."""
+    zero-shot row when the runs evaluated the base model. ``finished_only``: summarise the seeds that have
+    finished (the ``seeds`` column says how many) and leave out methods with none, instead of failing."""
     rows = [r for r in [zero_shot_row(output_dir, methods, seeds)] if r]
     for method in methods:
         per_mode: dict[str, list[dict]] = {}
         walls = []
-        for seed in seeds:
+        for seed in finished_seeds(output_dir, method, seeds) if finished_only else seeds:
             path = run_dir(output_dir, method, seed)
             metrics = json.loads((path / "metrics.json").read_text())
             primary = primary_mode(metrics)
@@ -167,7 +174,7 @@ def plot_reliability(output_dir: Path, method: str, seeds: Sequence[int], *, num
     from blob_pyro.evaluation.metrics import expected_calibration_error, reliability_bins
 
     probs, labels = [], []
-    for seed in seeds:
+    for seed in finished_seeds(output_dir, method, seeds):
         path = run_dir(output_dir, method, seed)
         mode = primary_mode(json.loads((path / "metrics.json").read_text()))
         by_mode, y = load_predictions(path)
@@ -202,6 +209,9 @@ def main(argv: Optional[Sequence[str]] = None) -> list[dict]:
     parser.add_argument("--methods", required=True, help="comma-separated methods, e.g. blob,mle,map,meanfield,mc_dropout,ensemble,laplace,tfb")
     parser.add_argument("--seeds", default="1", help="comma-separated seeds, e.g. 1,2,3")
     parser.add_argument("--output-dir", required=True, help="folder of the runs, tables and diagrams")
+    parser.add_argument("--report-only", action="store_true",
+                        help="start no run: write the tables and diagrams from the runs that have finished (e.g. while "
+                             "another compare is still running), naming the missing ones")
     args, train_args = parser.parse_known_args(argv)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     try:
@@ -216,16 +226,24 @@ def main(argv: Optional[Sequence[str]] = None) -> list[dict]:
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    for method in run_order(methods):
-        for seed in seeds:
-            run_one(output_dir, method, seed, train_args, methods=methods)
-    rows = summarise(output_dir, methods, seeds)
+    if not args.report_only:
+        for method in run_order(methods):
+            for seed in seeds:
+                run_one(output_dir, method, seed, train_args, methods=methods)
+    missing = [f"{method} seed {seed}" for method in methods for seed in seeds
+               if seed not in finished_seeds(output_dir, method, seeds)]
+    reported = [method for method in methods if finished_seeds(output_dir, method, seeds)]
+    if not reported:
+        raise SystemExit(f"[compare] no finished run (metrics.json) under {output_dir} for methods {methods} x seeds {seeds}")
+    rows = summarise(output_dir, reported, seeds, finished_only=True)
     command = "python -m blob_pyro.compare " + shlex.join(list(argv) if argv is not None else sys.argv[1:])
     header = (f"Command: `{command}`  \nMachine: {platform.machine()} {platform.processor() or ''} "
               f"{platform.system()}, Python {platform.python_version()}; compare wall time this invocation "
               f"{time.perf_counter() - start:.0f} s (finished runs are reused; per-method wall times below are from their run.json)")
+    if missing:
+        header += f"  \nNot finished, left out of the table: {', '.join(missing)}"
     print(write_tables(output_dir, rows, header=header))
-    for method in methods:
+    for method in reported:
         print(f"[compare] wrote {plot_reliability(output_dir, method, seeds)}")
     return rows
 

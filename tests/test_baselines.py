@@ -264,6 +264,27 @@ def test_post_hoc_baselines_reuse_a_matching_base_run_and_reject_a_mismatch(tmp_
         main(_args(tiny_causal_lm_dir, task, tmp_path / "bad2", "--method", "tfb", "--guide", "mle", "--base-run", str(tmp_path)))
 
 
+def test_compare_report_only_tables_finished_runs_and_names_the_missing(tmp_path, monkeypatch):
+    from blob_pyro import compare
+
+    monkeypatch.setattr(compare.subprocess, "run", lambda *a, **k: pytest.fail("--report-only started a run"))
+    good = np.array([[0.9, 0.1], [0.2, 0.8], [0.7, 0.3], [0.4, 0.6]])
+    _fake_run(compare.run_dir(tmp_path, "blob", 1), good, "samples_10")
+    _fake_run(compare.run_dir(tmp_path, "mle", 1), good, "mean")
+    _fake_run(compare.run_dir(tmp_path, "mle", 2), good, "mean")
+    compare.run_dir(tmp_path, "blob", 2).mkdir(parents=True)  # an interrupted run: no metrics.json
+    rows = compare.main(["--methods", "blob,mle,tfb", "--seeds", "1,2", "--output-dir", str(tmp_path), "--report-only"])
+    by_name = {r["method"]: r for r in rows}
+    assert set(by_name) == {"zero-shot (B = 0)", "blob", "blob (N = 0)", "mle"}  # tfb has no finished run
+    assert by_name["blob"]["seeds"] == 1 and by_name["mle"]["seeds"] == 2
+    assert by_name["zero-shot (B = 0)"]["seeds"] == 2
+    text = (tmp_path / "results.md").read_text()
+    assert "Not finished, left out of the table: blob seed 2, tfb seed 1, tfb seed 2" in text
+    assert (tmp_path / "reliability_blob.png").exists() and not (tmp_path / "reliability_tfb.png").exists()
+    with pytest.raises(SystemExit, match="no finished run"):
+        compare.main(["--methods", "tfb", "--seeds", "1", "--output-dir", str(tmp_path), "--report-only"])
+
+
 def test_compare_runs_base_methods_first_and_points_baselines_at_them(tmp_path, monkeypatch):
     from blob_pyro import compare
 

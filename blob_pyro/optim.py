@@ -30,8 +30,10 @@ SCALE_PARAMETER_NAMES = frozenset({"std_roots", "scales", "scale", "cov_factor",
 
 
 def is_scale_parameter(name: str) -> bool:
-    """Whether the Pyro parameter ``name`` (e.g. ``"std_roots.lm_head.lora_A"``) sets a posterior spread."""
-    return any(part in SCALE_PARAMETER_NAMES for part in name.replace("$$$", ".").split("."))
+    """Whether the Pyro parameter ``name`` (e.g. ``"std_roots.lm_head.lora_A"``) sets a guide's posterior
+    spread. Model parameters under ``prior.`` (the hierarchical prior's learned ``prior.scale``) do not."""
+    parts = name.replace("$$$", ".").split(".")
+    return parts[0] != "prior" and any(part in SCALE_PARAMETER_NAMES for part in parts)
 
 
 class ClippedScheduledOptim(PyroLRScheduler):

@@ -31,6 +31,15 @@ def test_spread_parameters_are_recognised_in_every_guide(name):
         assert spread == [], f"{name} is a point estimate, yet {spread} were classified as spreads"
 
 
+def test_the_hierarchical_prior_scale_is_a_model_parameter_not_a_spread():
+    from blob_pyro.models.priors import HierarchicalNormalPrior
+
+    assert HierarchicalNormalPrior(0.2).param_name == "prior.scale"
+    assert not is_scale_parameter("prior.scale")
+    assert is_scale_parameter("std_roots.model.layers.0.self_attn.q_proj.lora_A")
+    assert not is_scale_parameter("locs.model.layers.0.self_attn.q_proj.lora_A")
+
+
 @pytest.mark.parametrize("factor", [1.0, 10.0])
 def test_first_adam_step_moves_spreads_by_lr_times_factor_and_means_by_lr(factor):
     # Adam's first update is lr * g / (|g| + eps): every coordinate with a gradient moves by ~lr, whatever |g|.

@@ -105,6 +105,7 @@ class TaskData:
     pad_token_id: int
     padding_side: str
     answer_token_ids: Optional[list[int]] = None
+    choice_layout: str = "shared_prompt"
 
 
 def encode_examples(cfg: TrainConfig, task: MultipleChoiceTask, tokenizer, examples) -> EncodedSplit:
@@ -143,7 +144,7 @@ def prepare_data(cfg: TrainConfig, task: MultipleChoiceTask, split: Split, token
     validation_positions, validation = length_sorted(split.validation, encode_examples(cfg, task, tokenizer, pick(split.validation)))
     split = dataclasses.replace(split, validation=validation_positions)
     ids = answer_token_ids(tokenizer, task.num_choices) if uses_answer_letters(cfg) else None
-    return TaskData(task, split, train, validation, tokenizer.pad_token_id, tokenizer.padding_side, ids)
+    return TaskData(task, split, train, validation, tokenizer.pad_token_id, tokenizer.padding_side, ids, cfg.choice_layout)
 
 
 def uses_answer_letters(cfg: TrainConfig) -> bool:
@@ -154,7 +155,8 @@ def uses_answer_letters(cfg: TrainConfig) -> bool:
 def _iterate(encoded, *, data: TaskData, batch_size: int, shuffle: bool, generator=None):
     if isinstance(encoded, EncodedChoices):
         return iterate_choice_batches(
-            encoded, batch_size=batch_size, pad_token_id=data.pad_token_id, shuffle=shuffle, generator=generator
+            encoded, batch_size=batch_size, pad_token_id=data.pad_token_id, shuffle=shuffle, generator=generator,
+            layout=data.choice_layout,
         )
     return iterate_batches(
         encoded, batch_size=batch_size, pad_token_id=data.pad_token_id, shuffle=shuffle, generator=generator,

@@ -18,7 +18,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-__all__ = ["AnswerTokenHead", "SequenceClassificationHead", "ChoiceLikelihoodHead"]
+__all__ = ["AnswerTokenHead", "SequenceClassificationHead", "ChoiceLikelihoodHead", "shared_prompt_attention_mask"]
 
 
 class AnswerTokenHead(nn.Module):
@@ -72,10 +72,17 @@ class SequenceClassificationHead(nn.Module):
 class ChoiceLikelihoodHead(nn.Module):
     """Class logit of choice k = mean log-probability of choice k's tokens after the prompt.
 
-    Input: ``batch * K`` left-padded rows (prompt + one choice each, example-major) and a
-    ``continuation_mask`` marking the choice tokens, which end every row. Only the last
-    ``L + 1`` positions' vocabulary logits are computed (L = the longest choice in the batch).
-    Returns ``(batch, K)`` fp32.
+    Accepts either batch layout of :func:`blob_pyro.data.iterate_choice_batches`:
+
+    * shared prompt (the batch has ``segment_ids`` and ``position_ids``, ``(batch, T)``): one row per
+      example, the prompt followed by all K choices. The head turns ``segment_ids`` into a 4D additive
+      attention mask (a choice token sees the prompt and its own choice's earlier tokens) so every
+      choice is scored as if it alone followed the prompt.
+    * separate (the batch has ``continuation_mask``, ``(batch * K, T)``): K left-padded rows per
+      example (prompt + one choice each), example-major; the choice tokens end every row.
+
+    Only the last positions' vocabulary logits are computed (``logits_to_keep``: the longest choice
+    block plus one). Returns ``(batch, K)`` fp32.
     """
 
     def __init__(self, num_choices: int):
@@ -88,9 +95,16 @@ class ChoiceLikelihoodHead(nn.Module):
     def num_classes(self) -> int:
         return self._num_classes
 
-    def forward(self, network, input_ids, attention_mask, continuation_mask=None):
+    def forward(self, network, input_ids, attention_mask, continuation_mask=None, segment_ids=None, position_ids=None):
+        if segment_ids is not None:
+            if position_ids is None:
+                raise ValueError("ChoiceLikelihoodHead: a shared-prompt batch needs position_ids with its segment_ids")
+            return self._shared_prompt_scores(network, input_ids, segment_ids, position_ids)
         if continuation_mask is None:
-            raise ValueError("ChoiceLikelihoodHead needs batches with a continuation_mask (iterate_choice_batches)")
+            raise ValueError("ChoiceLikelihoodHead needs batches from iterate_choice_batches (segment_ids or continuation_mask)")
+        return self._separate_scores(network, input_ids, attention_mask, continuation_mask)
+
+    def _separate_scores(self, network, input_ids, attention_mask, continuation_mask):
         rows, K = input_ids.shape[0], self._num_classes
         if rows % K:
             raise ValueError(f"{rows} rows are not a whole number of examples with {K} choices each")
@@ -102,3 +116,42 @@ class ChoiceLikelihoodHead(nn.Module):
         mask = continuation_mask[:, -L:].to(token_log_probs.dtype)
         scores = (token_log_probs * mask).sum(-1) / mask.sum(-1)
         return scores.view(rows // K, K)
+
+    def _shared_prompt_scores(self, network, input_ids, segment_ids, position_ids):
+        K = self._num_classes
+        found = int(segment_ids.max())
+        if found != K:
+            raise ValueError(f"the batch holds {found} choices per example, the head expects {K}")
+        dtype = getattr(network, "dtype", torch.float32)
+        mask = shared_prompt_attention_mask(segment_ids, dtype)
+        W = int((segment_ids > 0).sum(-1).max()) + 1                          # all choice tokens + last prompt token
+        logits = network(input_ids=input_ids, attention_mask=mask, position_ids=position_ids, logits_to_keep=W).logits
+        log_probs = torch.log_softmax(logits.float(), dim=-1)                    # (b, W, V)
+        seg, targets = segment_ids[:, -W:], input_ids[:, -W:]
+        where = torch.arange(W, device=seg.device).expand_as(seg)
+        last_prompt = torch.where(seg == 0, where, torch.full_like(where, -1)).max(-1).values  # (b,)
+        continues = torch.zeros_like(seg, dtype=torch.bool)
+        continues[:, 1:] = seg[:, 1:] == seg[:, :-1]
+        # Each choice token is predicted by its predecessor in the same choice, or, for a choice's first
+        # token, by the last prompt token.
+        source = torch.where(continues, where - 1, last_prompt[:, None])
+        rows = torch.arange(seg.shape[0], device=seg.device)[:, None]
+        token_log_probs = log_probs[rows, source, targets]                       # (b, W)
+        one_hot = (seg[..., None] == torch.arange(1, K + 1, device=seg.device)).to(token_log_probs.dtype)  # (b, W, K)
+        sums = torch.einsum("bw,bwk->bk", token_log_probs, one_hot)
+        return sums / one_hot.sum(1)
+
+
+def shared_prompt_attention_mask(segment_ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``(b, 1, T, T)`` additive mask (0 = attend, dtype's min = blocked) of a shared-prompt batch.
+
+    Query i attends key j when ``j <= i``, j is not padding, and j is a prompt token (segment 0) or in
+    i's own segment. Padding queries attend to themselves only (their outputs are never read).
+    """
+    T = segment_ids.shape[-1]
+    q, k = segment_ids[:, :, None], segment_ids[:, None, :]
+    causal = torch.ones(T, T, dtype=torch.bool, device=segment_ids.device).tril()
+    allowed = causal & (k >= 0) & ((k == 0) | (k == q))
+    allowed = allowed | torch.eye(T, dtype=torch.bool, device=segment_ids.device)
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=segment_ids.device)
+    return mask.masked_fill_(~allowed, torch.finfo(dtype).min)[:, None]

@@ -1,15 +1,18 @@
 """Choice-likelihood ("cloze") scoring: encoding, batching and the head against a direct computation."""
 
+import pytest
 import torch
 
 from blob_pyro.data import MultipleChoiceExample
 from blob_pyro.data.choice_scoring import encode_choice_continuations, iterate_choice_batches
 from blob_pyro.models import ChoiceLikelihoodHead, bayesianize
+from blob_pyro.models.heads import shared_prompt_attention_mask
 from blob_pyro.train import main
 from tests.conftest import write_bigbench_task
 
 
-def test_head_scores_are_mean_token_log_probabilities(tiny_bpe_tokenizer, tiny_causal_lm_dir):
+@pytest.mark.parametrize("layout", ["shared_prompt", "separate"])
+def test_head_scores_are_mean_token_log_probabilities(tiny_bpe_tokenizer, tiny_causal_lm_dir, layout):
     from transformers import AutoModelForCausalLM
 
     network = AutoModelForCausalLM.from_pretrained(tiny_causal_lm_dir).eval()
@@ -18,10 +21,12 @@ def test_head_scores_are_mean_token_log_probabilities(tiny_bpe_tokenizer, tiny_c
         MultipleChoiceExample("Pick B", ("x", "the B answer"), 1),
     ]
     encoded = encode_choice_continuations(examples[:1], tiny_bpe_tokenizer)
-    batch = next(iterate_choice_batches(encoded, batch_size=1, pad_token_id=tiny_bpe_tokenizer.pad_token_id, shuffle=False))
-    assert batch["input_ids"].shape[0] == 3 and batch["labels"].tolist() == [0]
+    batch = next(iterate_choice_batches(encoded, batch_size=1, pad_token_id=tiny_bpe_tokenizer.pad_token_id, shuffle=False,
+                                        layout=layout))
+    assert batch["input_ids"].shape[0] == (1 if layout == "shared_prompt" else 3) and batch["labels"].tolist() == [0]
+    inputs = {k: v for k, v in batch.items() if k not in ("input_ids", "attention_mask", "labels", "indices")}
     with torch.no_grad():
-        scores = ChoiceLikelihoodHead(3)(network, batch["input_ids"], batch["attention_mask"], batch["continuation_mask"])
+        scores = ChoiceLikelihoodHead(3)(network, batch["input_ids"], batch["attention_mask"], **inputs)
         for k, choice in enumerate(examples[0].choices):  # direct: one unpadded sequence per choice
             prompt = encoded.prompts[0]
             cont = encoded.continuations[0][k]
@@ -39,3 +44,77 @@ def test_cli_with_choice_loglik_scoring(tmp_path, tiny_causal_lm_dir):
         "--batch-size", "4", "--eval-samples", "2", "--rank", "2",
     ])
     assert metrics["samples_2"]["n_examples"] == 12 and set(metrics) == {"zero_shot", "mean", "samples_2"}
+
+
+def _head_inputs(batch):
+    return {k: v for k, v in batch.items() if k not in ("input_ids", "attention_mask", "labels", "indices")}
+
+
+@pytest.mark.parametrize("attn_implementation", ["eager", "sdpa"])
+def test_layouts_agree_on_padded_batches_of_an_adapted_model(tiny_bpe_tokenizer, tiny_causal_lm_dir, attn_implementation):
+    """The shared-prompt row (block mask, restarted positions) scores every choice exactly as K separate
+    rows do, with left padding, choices of different lengths, and a LoRA adapter with a non-zero update."""
+    from transformers import AutoModelForCausalLM
+
+    network = AutoModelForCausalLM.from_pretrained(tiny_causal_lm_dir, attn_implementation=attn_implementation).eval()
+    with torch.no_grad():  # sharpen the random init's near-uniform attention, so positions and masks matter
+        for name, weight in network.named_parameters():
+            if name.endswith(("q_proj.weight", "k_proj.weight")):
+                weight.mul_(20.0)
+    bayesianize(network, ["q_proj", "v_proj", "lm_head"], rank=2, alpha=4.0)
+    torch.manual_seed(0)
+    for module in network.modules():
+        if hasattr(module, "set_transient"):  # a fixed A (else every forward draws A from the prior)
+            module.lora_B.data.normal_(0, 0.1)
+            module.set_transient(active_A=0.1 * torch.randn(module.rank, module.in_features))
+    examples = [
+        MultipleChoiceExample("A fairly long question about the colour of things?", ("red", "a blue thing here", "the green one"), 0),
+        MultipleChoiceExample("Short?", ("x", "yy zz", "the B answer"), 2),
+        MultipleChoiceExample("Mid length question here", ("one two three four", "five", "six seven"), 1),
+    ]
+    encoded = encode_choice_continuations(examples, tiny_bpe_tokenizer)
+    scores = {}
+    for layout in ("shared_prompt", "separate"):
+        batch = next(iterate_choice_batches(encoded, batch_size=3, pad_token_id=tiny_bpe_tokenizer.pad_token_id,
+                                            shuffle=False, layout=layout))
+        with torch.no_grad():
+            scores[layout] = ChoiceLikelihoodHead(3)(network, batch["input_ids"], batch["attention_mask"], **_head_inputs(batch))
+    assert scores["separate"].shape == (3, 3)
+    torch.testing.assert_close(scores["shared_prompt"], scores["separate"], rtol=1e-4, atol=1e-5)
+
+
+def test_shared_prompt_mask_by_hand():
+    # one row: pad, prompt(2), choice 1 (2 tokens), choice 2 (1 token)
+    segments = torch.tensor([[-1, 0, 0, 1, 1, 2]])
+    allowed = shared_prompt_attention_mask(segments, torch.float32)[0, 0] == 0
+    expected = torch.tensor([
+        [1, 0, 0, 0, 0, 0],   # padding sees itself only
+        [0, 1, 0, 0, 0, 0],
+        [0, 1, 1, 0, 0, 0],
+        [0, 1, 1, 1, 0, 0],   # choice 1: prompt + itself
+        [0, 1, 1, 1, 1, 0],
+        [0, 1, 1, 0, 0, 1],   # choice 2: prompt + itself, not choice 1
+    ], dtype=torch.bool)
+    assert torch.equal(allowed, expected)
+    assert shared_prompt_attention_mask(segments, torch.bfloat16).dtype == torch.bfloat16
+
+
+def test_shared_prompt_batch_layout_and_errors(tiny_bpe_tokenizer, tiny_causal_lm_dir):
+    examples = [MultipleChoiceExample("Q one?", ("a b", "c"), 0), MultipleChoiceExample("Q two is longer?", ("d", "e f g"), 1)]
+    encoded = encode_choice_continuations(examples, tiny_bpe_tokenizer)
+    batch = next(iterate_choice_batches(encoded, batch_size=2, pad_token_id=tiny_bpe_tokenizer.pad_token_id, shuffle=False))
+    for r in range(2):
+        prompt, conts = encoded.prompts[r], encoded.continuations[r]
+        real = batch["attention_mask"][r].bool()
+        assert batch["input_ids"][r, real].tolist() == prompt + conts[0] + conts[1]
+        assert batch["segment_ids"][r, real].tolist() == [0] * len(prompt) + [1] * len(conts[0]) + [2] * len(conts[1])
+        assert batch["segment_ids"][r, ~real].eq(-1).all()
+        P = len(prompt)
+        assert batch["position_ids"][r, real].tolist() == list(range(P)) + list(range(P, P + len(conts[0]))) + list(range(P, P + len(conts[1])))
+    from transformers import AutoModelForCausalLM
+
+    network = AutoModelForCausalLM.from_pretrained(tiny_causal_lm_dir).eval()
+    with pytest.raises(ValueError, match="2 choices per example, the head expects 3"):
+        ChoiceLikelihoodHead(3)(network, batch["input_ids"], batch["attention_mask"], **_head_inputs(batch))
+    with pytest.raises(ValueError, match="unknown choice layout"):
+        next(iterate_choice_batches(encoded, batch_size=2, pad_token_id=0, shuffle=False, layout="packed"))

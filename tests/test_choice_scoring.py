@@ -1,5 +1,7 @@
 """Choice-likelihood ("cloze") scoring: encoding, batching and the head against a direct computation."""
 
+import json
+
 import pytest
 import torch
 
@@ -36,13 +38,15 @@ def test_head_scores_are_mean_token_log_probabilities(tiny_bpe_tokenizer, tiny_c
             torch.testing.assert_close(scores[0, k], expected, rtol=1e-4, atol=1e-5)
 
 
-def test_cli_with_choice_loglik_scoring(tmp_path, tiny_causal_lm_dir):
+@pytest.mark.parametrize("layout", ["shared_prompt", "separate"])
+def test_cli_with_choice_loglik_scoring(tmp_path, tiny_causal_lm_dir, layout):
     task = write_bigbench_task(tmp_path / "task.json")
     metrics = main([
         "--model", str(tiny_causal_lm_dir), "--task", str(task), "--output-dir", str(tmp_path / "run"),
         "--answer-scoring", "choice_loglik", "--num-train", "24", "--num-validation", "12", "--max-steps", "3",
-        "--batch-size", "4", "--eval-samples", "2", "--rank", "2",
+        "--batch-size", "4", "--eval-samples", "2", "--rank", "2", "--choice-layout", layout,
     ])
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["choice_layout"] == layout
     assert metrics["samples_2"]["n_examples"] == 12 and set(metrics) == {"zero_shot", "mean", "samples_2"}
 
 

@@ -12,7 +12,11 @@ Two batch layouts give the same class logits (tests/test_choice_scoring.py check
   block attention mask lets every choice see the prompt and its own earlier tokens only, and each
   choice's position ids restart where the prompt ends, so choice k is scored exactly as if it followed
   the prompt alone. The prompt is run once instead of K times (about K-fold fewer tokens when the
-  prompt dominates; ``benchmarks/bench_step.py --layouts``).
+  prompt dominates; ``benchmarks/bench_choice_layout.py``). What is per row changes with it: sequence
+  flipout and MC-dropout masks are drawn once per example (not once per choice), and KFAC's input
+  factor counts the prompt tokens once. A row holds the prompt and all choices, so it can be longer than
+  ``--max-length`` (positions stay within it); a model with sliding-window attention gets no window under
+  the custom mask.
 * ``"separate"``: ``K`` rows per example (prompt + one choice each); works with any causal LM,
   including architectures that do not accept a custom 4D attention mask and position ids.
 """

@@ -13,12 +13,13 @@ tables whatever has finished (the header names what has not). Outputs in ``<outp
 
 Methods: every registered guide (``blob``, ``mle``, ``map``, ``meanfield``, ``normal``, ``lowrank``) or
 an autoguide import path (``module:Class``), run with ``--guide``; and the baselines ``mc_dropout``
-(``--guide mle --lora-dropout 0.1``), ``ensemble`` (``--guide mle``), ``laplace`` (``--guide map``),
-``tfb`` (``--guide mle``). Flags given after the compare options apply to every run; a method's own
+(``--guide mle --lora-dropout 0.1``), ``ensemble`` (``--guide mle``), ``laplace`` (``--guide map``; the
+``--laplace-*`` defaults: diagonal GGN, MC predictive), ``laplace_kfac`` (``--guide map --laplace-hessian
+kfac --laplace-predictive probit``, Laplace-LoRA as in the paper), ``tfb`` (``--guide mle``). Flags given after the compare options apply to every run; a method's own
 flags come last and win.
 
 Post-hoc baselines reuse the run they build on when its method is in the list (:data:`BASE_METHOD`):
-``laplace`` fits to ``map/seed_<s>``, ``tfb`` to ``mle/seed_<s>``, and ``ensemble`` takes ``mle/seed_<s>``
+``laplace`` and ``laplace_kfac`` fit to ``map/seed_<s>``, ``tfb`` to ``mle/seed_<s>``, and ``ensemble`` takes ``mle/seed_<s>``
 as member 0 (``--base-run``), so those cost no extra training; base methods run first. Their wall time
 in the table is then the post-hoc part only.
 """
@@ -46,9 +47,11 @@ METHOD_FLAGS = {
     "mc_dropout": ["--method", "mc_dropout", "--guide", "mle", "--lora-dropout", "0.1"],
     "ensemble": ["--method", "ensemble", "--guide", "mle"],
     "laplace": ["--method", "laplace", "--guide", "map"],
+    # Laplace-LoRA as the paper runs it: Kronecker-factored GGN, linearised (probit) predictive
+    "laplace_kfac": ["--method", "laplace", "--guide", "map", "--laplace-hessian", "kfac", "--laplace-predictive", "probit"],
     "tfb": ["--method", "tfb", "--guide", "mle"],
 }
-BASE_METHOD = {"laplace": "map", "tfb": "mle", "ensemble": "mle"}
+BASE_METHOD = {"laplace": "map", "laplace_kfac": "map", "tfb": "mle", "ensemble": "mle"}
 METRICS = [("acc", "ACC %", 100.0), ("ece", "ECE % (15 bins)", 1.0), ("nll", "NLL", 1.0), ("brier", "Brier", 1.0)]
 
 
@@ -206,7 +209,7 @@ def main(argv: Optional[Sequence[str]] = None) -> list[dict]:
         prog="python -m blob_pyro.compare", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
         allow_abbrev=False,  # "--seed" must not be read as "--seeds"
     )
-    parser.add_argument("--methods", required=True, help="comma-separated methods, e.g. blob,mle,map,meanfield,mc_dropout,ensemble,laplace,tfb")
+    parser.add_argument("--methods", required=True, help="comma-separated methods, e.g. blob,mle,map,meanfield,mc_dropout,ensemble,laplace,laplace_kfac,tfb")
     parser.add_argument("--seeds", default="1", help="comma-separated seeds, e.g. 1,2,3")
     parser.add_argument("--output-dir", required=True, help="folder of the runs, tables and diagrams")
     parser.add_argument("--report-only", action="store_true",

@@ -295,3 +295,6 @@ def test_compare_runs_base_methods_first_and_points_baselines_at_them(tmp_path, 
     compare.run_one(tmp_path, "laplace", 3, [], methods=["mle", "laplace"])  # no map run listed: trains its own
     assert calls[0][-2:] == ["--base-run", str(compare.run_dir(tmp_path, "mle", 3))]
     assert "--base-run" not in calls[1]
+    compare.run_one(tmp_path, "laplace_kfac", 3, [], methods=["map", "laplace_kfac"])
+    assert calls[2][-2:] == ["--base-run", str(compare.run_dir(tmp_path, "map", 3))]
+    assert calls[2][calls[2].index("--laplace-hessian") + 1] == "kfac" and calls[2][calls[2].index("--laplace-predictive") + 1] == "probit"

@@ -44,7 +44,7 @@ class TrainConfig:
     list_choices: bool = _f(False, "choice_loglik: list the choices in the prompt where the task asks for it (BIG-bench append_choices_to_input, with its choice_prefix). Off by default: with social_iqa's choices listed, SmolLM2-135M stayed at chance after 200 steps (README 'Learning first')")
     drop_mismatched_choices: bool = _f(True, "drop examples whose number of choices differs from the task's most common count (social_iqa has 4 such)")
     num_train: int = _f(640, "training examples in the seeded stratified split")
-    num_validation: int = _f(100, "validation examples in the seeded stratified split (100 keeps the default run near ten minutes on 2 CPU cores; use 400+ for reported results)")
+    num_validation: int = _f(100, "validation examples in the seeded stratified split (100 keeps the default run near five minutes on 2 CPU cores; use 400+ for reported results)")
     split_seed: int = _f(0, "seed of the stratified train/validation split")
     split_file: Optional[str] = _f(None, "JSON split file with 'train'/'validation' index lists (overrides num_train/num_validation/split_seed)")
     max_length: int = _f(256, "maximum prompt length in tokens (the question is truncated from the left)")
@@ -87,7 +87,7 @@ class TrainConfig:
     flipout: str = _f("none", "flipout on A during training: none, token (official per-token signs) or sequence (exactly unbiased per example)", ["none", "token", "sequence"])
 
     # Optimisation
-    max_steps: int = _f(200, "training steps (minibatches); 200 keeps the default run near ten minutes on 2 CPU cores")
+    max_steps: int = _f(200, "training steps (minibatches); 200 keeps the default run near five minutes on 2 CPU cores")
     batch_size: int = _f(4, "training minibatch size")
     lr: float = _f(1e-3, "AdamW learning rate (peak, after warm-up); 1e-3 learns social_iqa on SmolLM2-135M in 300 steps (README 'Learning first')")
     weight_decay: float = _f(0.0, "AdamW weight decay")

@@ -26,12 +26,13 @@ from blob_pyro.guides import make_guide
 from blob_pyro.models import (
     AnswerTokenHead, BayesianLoRAModel, ChoiceLikelihoodHead, SequenceClassificationHead, bayesianize, make_prior,
 )
+from blob_pyro.models.bayesian_model import extra_batch_inputs
 from blob_pyro.objectives import ELBOObjective, KLWeighting, ParityObjective
 from blob_pyro.schedules import kl_cycle_length
 
 __all__ = [
     "resolve_task_path", "load_task", "make_split", "evaluation_positions", "TaskData", "prepare_data", "resolve_device", "resolve_dtype",
-    "build_model", "build_guide", "build_objective", "batches", "training_batches",
+    "build_model", "check_shared_prompt_support", "build_guide", "build_objective", "batches", "training_batches",
 ]
 
 BUNDLED_PREFIX = "bundled:"
@@ -208,8 +209,43 @@ def check_classifier_adapted(network, target_modules: str) -> None:
         )
 
 
+def check_shared_prompt_support(network, *, model_name: str = "this model") -> None:
+    """Refuse a causal LM that scores a shared-prompt row differently from separate rows.
+
+    The shared-prompt layout needs the network to honour a custom 4D attention mask and ``position_ids``;
+    some do not (e.g. GPT-2 under transformers 5 gives other scores, silently). A probe of one random
+    12-token prompt with choices of 3 and 2 tokens is scored both ways (three short no-grad forwards);
+    a log-probability difference above float error (1e-3 in fp32, 5e-2 in half precision) raises.
+    """
+    vocab = int(network.get_input_embeddings().num_embeddings)
+    ids = torch.randint(0, vocab, (17,), generator=torch.Generator().manual_seed(0)).tolist()
+    probe = EncodedChoices([ids[:12]], [[ids[12:15], ids[15:17]]], torch.tensor([0]))
+    device = next(network.parameters()).device
+    head = ChoiceLikelihoodHead(2)
+    scores, was_training = {}, network.training
+    network.eval()  # no dropout in the probe
+    try:
+        with torch.no_grad():
+            for layout in ("shared_prompt", "separate"):
+                batch = _to(next(iterate_choice_batches(probe, batch_size=1, pad_token_id=0, shuffle=False, layout=layout)), device)
+                scores[layout] = head(network, batch["input_ids"], batch["attention_mask"], **extra_batch_inputs(batch)).float()
+    finally:
+        network.train(was_training)
+    difference = float((scores["shared_prompt"] - scores["separate"]).abs().max())
+    tolerance = 1e-3 if getattr(network, "dtype", torch.float32) == torch.float32 else 5e-2
+    if not difference <= tolerance:
+        raise ValueError(
+            f"{model_name} scores choices differently in one shared-prompt row than in separate rows (largest "
+            f"log-probability difference {difference:.3g} > {tolerance:g}): it does not honour a custom 4D attention "
+            "mask and position_ids. Use --choice-layout separate."
+        )
+
+
 def build_model(cfg: TrainConfig, network, data: TaskData) -> BayesianLoRAModel:
-    """Adapt ``network`` in place and wrap it with the task's likelihood head."""
+    """Adapt ``network`` in place and wrap it with the task's likelihood head. With the shared-prompt
+    choice layout the network is first probed (:func:`check_shared_prompt_support`)."""
+    if cfg.task_type == "causal_lm" and not uses_answer_letters(cfg) and data.choice_layout == "shared_prompt":
+        check_shared_prompt_support(network, model_name=f"--model {cfg.model}")
     prior_options = {"scale": cfg.prior_scale}
     if cfg.prior == "student_t":
         prior_options["df"] = cfg.prior_df

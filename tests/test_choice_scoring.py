@@ -7,7 +7,9 @@ import torch
 
 from blob_pyro.data import MultipleChoiceExample
 from blob_pyro.data.choice_scoring import encode_choice_continuations, iterate_choice_batches
+from blob_pyro.assembly import check_shared_prompt_support
 from blob_pyro.models import ChoiceLikelihoodHead, bayesianize
+from blob_pyro.models.bayesian_model import extra_batch_inputs
 from blob_pyro.models.heads import shared_prompt_attention_mask
 from blob_pyro.train import main
 from tests.conftest import write_bigbench_task
@@ -26,9 +28,8 @@ def test_head_scores_are_mean_token_log_probabilities(tiny_bpe_tokenizer, tiny_c
     batch = next(iterate_choice_batches(encoded, batch_size=1, pad_token_id=tiny_bpe_tokenizer.pad_token_id, shuffle=False,
                                         layout=layout))
     assert batch["input_ids"].shape[0] == (1 if layout == "shared_prompt" else 3) and batch["labels"].tolist() == [0]
-    inputs = {k: v for k, v in batch.items() if k not in ("input_ids", "attention_mask", "labels", "indices")}
     with torch.no_grad():
-        scores = ChoiceLikelihoodHead(3)(network, batch["input_ids"], batch["attention_mask"], **inputs)
+        scores = ChoiceLikelihoodHead(3)(network, batch["input_ids"], batch["attention_mask"], **extra_batch_inputs(batch))
         for k, choice in enumerate(examples[0].choices):  # direct: one unpadded sequence per choice
             prompt = encoded.prompts[0]
             cont = encoded.continuations[0][k]
@@ -48,10 +49,6 @@ def test_cli_with_choice_loglik_scoring(tmp_path, tiny_causal_lm_dir, layout):
     ])
     assert json.loads((tmp_path / "run" / "config.json").read_text())["choice_layout"] == layout
     assert metrics["samples_2"]["n_examples"] == 12 and set(metrics) == {"zero_shot", "mean", "samples_2"}
-
-
-def _head_inputs(batch):
-    return {k: v for k, v in batch.items() if k not in ("input_ids", "attention_mask", "labels", "indices")}
 
 
 @pytest.mark.parametrize("attn_implementation", ["eager", "sdpa"])
@@ -82,7 +79,7 @@ def test_layouts_agree_on_padded_batches_of_an_adapted_model(tiny_bpe_tokenizer,
         batch = next(iterate_choice_batches(encoded, batch_size=3, pad_token_id=tiny_bpe_tokenizer.pad_token_id,
                                             shuffle=False, layout=layout))
         with torch.no_grad():
-            scores[layout] = ChoiceLikelihoodHead(3)(network, batch["input_ids"], batch["attention_mask"], **_head_inputs(batch))
+            scores[layout] = ChoiceLikelihoodHead(3)(network, batch["input_ids"], batch["attention_mask"], **extra_batch_inputs(batch))
     assert scores["separate"].shape == (3, 3)
     torch.testing.assert_close(scores["shared_prompt"], scores["separate"], rtol=1e-4, atol=1e-5)
 
@@ -119,6 +116,33 @@ def test_shared_prompt_batch_layout_and_errors(tiny_bpe_tokenizer, tiny_causal_l
 
     network = AutoModelForCausalLM.from_pretrained(tiny_causal_lm_dir).eval()
     with pytest.raises(ValueError, match="2 choices per example, the head expects 3"):
-        ChoiceLikelihoodHead(3)(network, batch["input_ids"], batch["attention_mask"], **_head_inputs(batch))
+        ChoiceLikelihoodHead(3)(network, batch["input_ids"], batch["attention_mask"], **extra_batch_inputs(batch))
     with pytest.raises(ValueError, match="unknown choice layout"):
         next(iterate_choice_batches(encoded, batch_size=2, pad_token_id=0, shuffle=False, layout="packed"))
+
+
+def test_models_that_ignore_the_shared_prompt_mask_are_refused(tmp_path, tiny_bpe_tokenizer, tiny_causal_lm_dir):
+    """GPT-2 (transformers 5) scores a shared-prompt row differently from separate rows: the probe in
+    build_model refuses it with the flag to use, before anything is trained; Llama passes."""
+    from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
+
+    check_shared_prompt_support(AutoModelForCausalLM.from_pretrained(tiny_causal_lm_dir).eval())
+    torch.manual_seed(0)
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=len(tiny_bpe_tokenizer), n_embd=32, n_layer=2, n_head=2, n_positions=128,
+                                      pad_token_id=tiny_bpe_tokenizer.pad_token_id, bos_token_id=0, eos_token_id=0)).eval()
+    with torch.no_grad():  # sharpen the random init, as real weights are
+        for weight in gpt2.parameters():
+            if weight.dim() == 2:
+                weight.mul_(10.0)
+    with pytest.raises(ValueError, match="Use --choice-layout separate"):
+        check_shared_prompt_support(gpt2)
+    gpt2.save_pretrained(tmp_path / "gpt2")
+    tiny_bpe_tokenizer.save_pretrained(tmp_path / "gpt2")
+    task = write_bigbench_task(tmp_path / "task.json")
+    args = ["--model", str(tmp_path / "gpt2"), "--task", str(task), "--num-train", "8", "--num-validation", "4",
+            "--max-steps", "1", "--batch-size", "4", "--eval-samples", "0", "--rank", "2", "--target-modules", "lm_head"]  # GPT-2 attention is Conv1D
+    with pytest.raises(ValueError, match="--model .*gpt2 scores choices differently"):
+        main([*args, "--output-dir", str(tmp_path / "refused")])
+    assert not (tmp_path / "refused" / "metrics.json").exists()
+    metrics = main([*args, "--output-dir", str(tmp_path / "separate"), "--choice-layout", "separate"])
+    assert metrics["mean"]["n_examples"] == 4

@@ -16,7 +16,8 @@ Two batch layouts give the same class logits (tests/test_choice_scoring.py check
   flipout and MC-dropout masks are drawn once per example (not once per choice), and KFAC's input
   factor counts the prompt tokens once. A row holds the prompt and all choices, so it can be longer than
   ``--max-length`` (positions stay within it); a model with sliding-window attention gets no window under
-  the custom mask.
+  the custom mask. ``blob_pyro.assembly.build_model`` probes the network once and refuses one that scores
+  the layouts differently (GPT-2 under transformers 5 does), naming ``--choice-layout separate``.
 * ``"separate"``: ``K`` rows per example (prompt + one choice each); works with any causal LM,
   including architectures that do not accept a custom 4D attention mask and position ids.
 """

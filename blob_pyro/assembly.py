@@ -185,6 +185,10 @@ def load_network(cfg: TrainConfig, num_classes: int, *, dtype: torch.dtype):
 
     if cfg.task_type == "causal_lm":
         return pretrained.load_causal_lm(cfg.model, dtype=dtype)
+    # The classification head is new and random (and frozen under its adapter): seed its initialisation
+    # with the run's seed, so that every later load of the run (evaluate, post-hoc baselines) rebuilds
+    # the head the run was trained with, whatever the RNG state of the caller.
+    torch.manual_seed(cfg.seed)
     return pretrained.load_sequence_classifier(cfg.model, num_labels=num_classes, dtype=dtype)
 
 

@@ -163,3 +163,18 @@ def test_4bit_bf16_base_on_cuda(tmp_path, tiny_causal_lm_dir):
         "--rank", "2", "--device", "cuda", "--base-dtype", "bfloat16", "--base-quantization", "4bit", "--flipout", "token",
     ])
     assert metrics["samples_2"]["n_examples"] == 8
+
+
+@needs_bnb
+@pytest.mark.parametrize("shape", [(3, 64), (1, 1, 64), (2, 5, 64)])  # (1, 1, 64): bitsandbytes' single-vector gemv path
+def test_gradient_through_a_4bit_base_is_the_dequantized_layers(shape):
+    """The adapters of later layers learn through the frozen 4-bit base: its input gradient must be exact."""
+    import bitsandbytes.functional as bnbf
+
+    layer = quantize(nn.Linear(64, 32, bias=False), "4bit")
+    weight = bnbf.dequantize_4bit(layer.weight.data, layer.weight.quant_state)
+    x = torch.randn(*shape, requires_grad=True)
+    layer(x).pow(2).sum().backward()
+    quantized_grad, x.grad = x.grad, None
+    torch.nn.functional.linear(x, weight).pow(2).sum().backward()
+    torch.testing.assert_close(quantized_grad, x.grad)

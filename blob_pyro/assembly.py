@@ -181,15 +181,22 @@ def resolve_dtype(spec: str, device: torch.device) -> torch.dtype:
 
 
 def load_network(cfg: TrainConfig, num_classes: int, *, dtype: torch.dtype):
+    """The pretrained network in ``dtype``; with ``--base-quantization`` its linear layers are bitsandbytes
+    layers, placed on ``--device`` at load time (:mod:`blob_pyro.quantization`)."""
     from blob_pyro import pretrained
+    from blob_pyro.quantization import bitsandbytes_config
 
+    options = {}
+    quantization = bitsandbytes_config(cfg.base_quantization, compute_dtype=dtype)
+    if quantization is not None:
+        options = {"quantization_config": quantization, "device_map": {"": str(resolve_device(cfg.device))}}
     if cfg.task_type == "causal_lm":
-        return pretrained.load_causal_lm(cfg.model, dtype=dtype)
+        return pretrained.load_causal_lm(cfg.model, dtype=dtype, **options)
     # The classification head is new and random (and frozen under its adapter): seed its initialisation
     # with the run's seed, so that every later load of the run (evaluate, post-hoc baselines) rebuilds
     # the head the run was trained with, whatever the RNG state of the caller.
     torch.manual_seed(cfg.seed)
-    return pretrained.load_sequence_classifier(cfg.model, num_labels=num_classes, dtype=dtype)
+    return pretrained.load_sequence_classifier(cfg.model, num_labels=num_classes, dtype=dtype, **options)
 
 
 def check_classifier_adapted(network, target_modules: str) -> None:

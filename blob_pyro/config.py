@@ -124,6 +124,7 @@ class TrainConfig:
     overwrite: bool = _f(False, "allow writing into an output directory that already holds a finished run")
     device: str = _f("auto", "auto (cuda if available), cpu or cuda[:i]")
     base_dtype: str = _f("auto", "dtype of the frozen base model: auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16, float16", ["auto", "float32", "bfloat16", "float16"])
+    base_quantization: str = _f("none", "quantize the frozen base's linear layers with bitsandbytes (pip install 'blob-pyro[quant]'): none, 8bit (LLM.int8()) or 4bit (NF4, double quantization, compute in --base-dtype). Adapters, guide and KL stay fp32; lm_head stays unquantized", ["none", "8bit", "4bit"])
 
     def __post_init__(self):
         self._apply_recipe()

@@ -15,7 +15,8 @@ Methods: every registered guide (``blob``, ``mle``, ``map``, ``meanfield``, ``no
 an autoguide import path (``module:Class``), run with ``--guide``; and the baselines ``mc_dropout``
 (``--guide mle --lora-dropout 0.1``), ``ensemble`` (``--guide mle``), ``laplace`` (``--guide map``; the
 ``--laplace-*`` defaults: diagonal GGN, MC predictive), ``laplace_kfac`` (``--guide map --laplace-hessian
-kfac --laplace-predictive probit``, Laplace-LoRA as in the paper), ``tfb`` (``--guide mle``). Flags given after the compare options apply to every run; a method's own
+kfac --laplace-predictive probit``, Laplace-LoRA as in the paper), ``tfb`` (``--guide mle``), ``blob_official``
+(``--guide blob --recipe official``: the official update rule; compare's own flags override the recipe). Flags given after the compare options apply to every run; a method's own
 flags come last and win.
 
 Post-hoc baselines reuse the run they build on when its method is in the list (:data:`BASE_METHOD`):
@@ -50,6 +51,9 @@ METHOD_FLAGS = {
     # Laplace-LoRA as the paper runs it: Kronecker-factored GGN, linearised (probit) predictive
     "laplace_kfac": ["--method", "laplace", "--guide", "map", "--laplace-hessian", "kfac", "--laplace-predictive", "probit"],
     "tfb": ["--method", "tfb", "--guide", "mle"],
+    # BLoB as its official code trains it (two optimisers, KL cycle, rescaling, flipout); the flags given to
+    # compare (e.g. --lr, --max-steps, --kllr) still override the recipe's values
+    "blob_official": ["--guide", "blob", "--recipe", "official"],
 }
 BASE_METHOD = {"laplace": "map", "laplace_kfac": "map", "tfb": "mle", "ensemble": "mle"}
 METRICS = [("acc", "ACC %", 100.0), ("ece", "ECE % (15 bins)", 1.0), ("nll", "NLL", 1.0), ("brier", "Brier", 1.0)]

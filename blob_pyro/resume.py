@@ -14,7 +14,7 @@ holds the rest as JSON (key ``"state"``; optimiser structure via :mod:`blob_pyro
   counter (cycle length, position, next pi_t: checked against the rebuilt objective), the metrics computed
   before training (zero-shot), the byte length of ``train_log.jsonl``, the run config.
 
-The file is written to a temporary name in the same directory, flushed to disk and renamed over the old
+A SHA-256 of the tensors, in the metadata, is checked on reading. The file is written to a temporary name in the same directory, flushed to disk and renamed over the old
 one (``os.replace``), so a kill at any moment leaves either the previous or the new checkpoint, never a
 half-written one. Resuming with the same config continues bitwise exactly (tested against uninterrupted
 runs). Config fields that may differ on resume: :data:`FREE_FIELDS`.
@@ -22,6 +22,7 @@ runs). Config fields that may differ on resume: :data:`FREE_FIELDS`.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -95,6 +96,8 @@ def read_checkpoint(output_dir) -> TrainingCheckpoint:
             tensors = {key: f.get_tensor(key) for key in f.keys()}
         if metadata.get("format") != FORMAT:
             raise ValueError(f"format {metadata.get('format')!r}, expected {FORMAT!r}")
+        if metadata.get("sha256") != _digest(tensors):
+            raise ValueError("the tensors' checksum differs from the one recorded when the file was written")
         state = unflatten(json.loads(metadata["state"]), tensors)
     except Exception as err:  # safetensors, JSON and missing-key errors alike
         raise ValueError(f"{path} is not a readable training checkpoint ({type(err).__name__}: {err}): it is corrupt "
@@ -208,7 +211,7 @@ def save_checkpoint(output_dir, *, cfg: TrainConfig, step: int, model, guide, ob
         data_position={"epoch": epoch, "index": index, "batches_per_epoch": stream.batches_per_epoch},
     )
     tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata={"format": FORMAT, "state": json.dumps(state)})
+    save_file(tensors, str(tmp), metadata={"format": FORMAT, "state": json.dumps(state), "sha256": _digest(tensors)})
     with open(tmp, "rb") as f:
         os.fsync(f.fileno())  # the data reaches the disk before the rename makes it the checkpoint
     os.replace(tmp, path)
@@ -219,6 +222,16 @@ def save_checkpoint(output_dir, *, cfg: TrainConfig, step: int, model, guide, ob
         finally:
             os.close(fd)
     return path
+
+
+def _digest(tensors: dict) -> str:
+    """SHA-256 over names, dtypes, shapes and bytes of every tensor (catches damage to the data section)."""
+    h = hashlib.sha256()
+    for key in sorted(tensors):
+        t = tensors[key].contiguous()
+        h.update(f"{key}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 # --- Restoring ---------------------------------------------------------------------------------------

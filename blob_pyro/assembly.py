@@ -10,7 +10,7 @@ import dataclasses
 import importlib.resources
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional, Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 import torch

@@ -273,8 +273,12 @@ GUIDE_OPTIONS = {  # which TrainConfig fields each registered guide takes (as gu
 }
 
 
-def build_guide(cfg: TrainConfig, model: BayesianLoRAModel):
+def build_guide(cfg: TrainConfig, model: BayesianLoRAModel, *, init_loc_fn=None):
+    """The ``--guide`` of ``model``; ``init_loc_fn`` (``layer -> (rank, in_features)``) overrides the LoRA
+    init of its mean of A (e.g. :func:`blob_pyro.peft_adapter.peft_init_loc_fn`)."""
     options = {key: getattr(cfg, field) for key, field in GUIDE_OPTIONS.get(cfg.guide, {}).items()}
+    if init_loc_fn is not None:
+        options["init_loc_fn"] = init_loc_fn
     if cfg.bayesian_sites:
         options["sites"] = cfg.bayesian_sites
     return make_guide(cfg.guide, model, **options)
@@ -285,7 +289,8 @@ def build_objective(cfg: TrainConfig, model, guide, *, num_data: int):
     kl = KLWeighting(cfg.kl_schedule, cycle, cfg.kl_weight)
     flipout = None if cfg.flipout == "none" else cfg.flipout
     common = dict(
-        total_steps=cfg.max_steps, kl=kl, lr=cfg.lr, weight_decay=cfg.weight_decay, adam_eps=cfg.adam_eps,
+        # max(.., 1): with --max-steps 0 (--init-from-peft) the objective is built but never stepped
+        total_steps=max(cfg.max_steps, 1), kl=kl, lr=cfg.lr, weight_decay=cfg.weight_decay, adam_eps=cfg.adam_eps,
         warmup_ratio=cfg.warmup_ratio, max_grad_norm=cfg.max_grad_norm or None, flipout=flipout,
     )
     if cfg.objective == "parity":

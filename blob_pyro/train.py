@@ -43,6 +43,9 @@ from blob_pyro.evaluation.metrics import classification_metrics
 from blob_pyro.evaluation.predictive import posterior_mean_probs
 from blob_pyro.evaluation.report import evaluate_modes, results_table
 from blob_pyro.models import AnswerTokenHead, ChoiceLikelihoodHead
+from blob_pyro.peft_adapter import (
+    check_adapter_config, check_adapter_modules, init_lora_B_from_peft, peft_init_loc_fn, read_peft_adapter,
+)
 
 __all__ = ["main", "train"]
 
@@ -71,6 +74,7 @@ def versions() -> dict:
 
 def train(cfg: TrainConfig) -> dict:
     """Run one configuration end to end; returns ``metrics`` (also written to ``metrics.json``)."""
+    peft_adapter = read_initial_adapter(cfg)  # before any file is written: a bad adapter fails fast
     if cfg.method != "svi":  # baselines that are not one SVI run (blob_pyro.baselines)
         from blob_pyro.baselines import run_method
 
@@ -99,7 +103,9 @@ def train(cfg: TrainConfig) -> dict:
 
     # Model, prior, guide, objective
     model = build_model(cfg, network, data)
-    guide = build_guide(cfg, model).to(device)
+    if peft_adapter is not None:
+        check_adapter_modules(peft_adapter, model, target_modules=cfg.target_modules)
+    guide = build_guide(cfg, model, init_loc_fn=peft_init_loc_fn(peft_adapter) if peft_adapter else None).to(device)
     objective = build_objective(cfg, model, guide, num_data=len(data.train))
     log(f"adapted {len(model.adapters)} layers; trainable: "
         f"{sum(p.numel() for p in model.parameters() if p.requires_grad) + sum(p.numel() for p in guide.parameters()):,} numbers")
@@ -114,6 +120,10 @@ def train(cfg: TrainConfig) -> dict:
         log(f"zero-shot evaluation: {len(labels)} examples in {time.perf_counter() - zero_shot_start:.1f} s "
             f"({len(labels) / (time.perf_counter() - zero_shot_start):.1f} examples/s)")
         log(f"zero-shot: acc {100 * metrics['zero_shot']['acc']:.2f}%  ECE {metrics['zero_shot']['ece']:.2f}%  NLL {metrics['zero_shot']['nll']:.3f}")
+
+    if peft_adapter is not None:  # after the zero-shot pass: with B = 0 the model is the base model whatever M is
+        init_lora_B_from_peft(model, peft_adapter)
+        log(f"initialised M and B of {len(peft_adapter.module_paths)} layers from the PEFT adapter {cfg.init_from_peft}")
 
     # Training (resumable: parameters, optimisers, RNG and data position come from the checkpoint)
     model.train()
@@ -190,6 +200,15 @@ def train(cfg: TrainConfig) -> dict:
     for name, block in metrics.get("ood", {}).items():
         print(results_table(block, title=f"\nOOD {name} (trained on {task.name}, not on {name})"))
     return metrics
+
+
+def read_initial_adapter(cfg: TrainConfig):
+    """The ``--init-from-peft`` adapter checked against ``--rank`` / ``--alpha`` (None without the flag)."""
+    if cfg.init_from_peft is None:
+        return None
+    adapter = read_peft_adapter(cfg.init_from_peft)
+    check_adapter_config(adapter, rank=cfg.rank, alpha=cfg.alpha)
+    return adapter
 
 
 def prepare_ood_tasks(cfg: TrainConfig, data, tokenizer, device) -> dict:

@@ -83,11 +83,12 @@ class LoadedRun:
         return batches(self.data, self.data.validation, batch_size=batch_size or self.cfg.eval_batch_size, device=self.device)
 
 
-def load_run(run_dir, *, network=None, tokenizer=None) -> LoadedRun:
+def load_run(run_dir, *, network=None, tokenizer=None, device: Optional[str] = None) -> LoadedRun:
     """Rebuild model, guide and tokenized data of the run in ``run_dir`` and restore its parameters.
 
     :param network, tokenizer: a fresh (never adapted) pretrained network and its tokenizer, to skip
         loading them again; default: loaded from the run's config.
+    :param device: where to rebuild it (default: the run's ``--device``).
     """
     from blob_pyro.assembly import (
         build_guide, build_model, load_network, load_task, make_split, prepare_data, resolve_device, resolve_dtype,
@@ -97,7 +98,7 @@ def load_run(run_dir, *, network=None, tokenizer=None) -> LoadedRun:
     run_dir = Path(run_dir)
     cfg = TrainConfig.load(run_dir / "config.json")
     pyro.clear_param_store()
-    device = resolve_device(cfg.device)
+    device = resolve_device(device or cfg.device)
     task = load_task(cfg)
     split = make_split(cfg, task)
     if network is None:

@@ -122,6 +122,8 @@ class TrainConfig:
     zero_shot: bool = _f(True, "also evaluate the base model (B = 0) before training")
     output_dir: str = _f("runs/default", "run directory: config, split, adapter/guide safetensors, metrics.json")
     overwrite: bool = _f(False, "allow writing into an output directory that already holds a finished run")
+    checkpoint_every: int = _f(0, "write a resumable training checkpoint (<output-dir>/checkpoint.safetensors, replaced atomically) every this many steps; 0: only at the end of training. SIGTERM/SIGINT always finish the current step, write one and exit")
+    resume: bool = _f(False, "continue the unfinished run in --output-dir from its checkpoint, bitwise as if never interrupted; the config must match the checkpoint's except --resume, --checkpoint-every, --log-every, --output-dir, --overwrite and --device (same device type)")
     device: str = _f("auto", "auto (cuda if available), cpu or cuda[:i]")
     base_dtype: str = _f("auto", "dtype of the frozen base model: auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16, float16", ["auto", "float32", "bfloat16", "float16"])
     base_quantization: str = _f("none", "quantize the frozen base's linear layers with bitsandbytes (pip install 'blob-pyro[quant]'): none, 8bit (LLM.int8()) or 4bit (NF4, double quantization, compute in --base-dtype). Adapters, guide and KL stay fp32; lm_head stays unquantized", ["none", "8bit", "4bit"])
@@ -148,6 +150,8 @@ class TrainConfig:
             raise ValueError(f"--lora-dropout must be in [0, 1), got {self.lora_dropout}")
         if not 0.0 <= self.warmup_ratio < 1.0:
             raise ValueError(f"--warmup-ratio must be in [0, 1), got {self.warmup_ratio}")
+        if not (isinstance(self.checkpoint_every, int) and self.checkpoint_every >= 0):
+            raise ValueError(f"--checkpoint-every must be an integer >= 0 (0 = only at the end), got {self.checkpoint_every!r}")
         if self.eval_samples < 0:
             raise ValueError(f"--eval-samples must be >= 0 (0 = posterior mean only), got {self.eval_samples}")
         for f in dataclasses.fields(self):

@@ -153,7 +153,8 @@ def check_base_run(cfg: TrainConfig, base_dir, **overrides) -> Path:
 
 def train_base_run(cfg: TrainConfig, subdir: str, **overrides) -> Path:
     """Train (or reuse, if it already has ``metrics.json``) the SVI run a baseline builds on, in
-    ``<output_dir>/<subdir>`` with ``overrides`` applied to ``cfg``. Returns its directory.
+    ``<output_dir>/<subdir>`` with ``overrides`` applied to ``cfg``. Returns its directory. With
+    ``cfg.resume`` a sub-run that left a checkpoint (e.g. an interrupted ensemble member) continues from it.
 
     With ``cfg.base_run`` set, the ``base`` / ``member_0`` run is that directory instead (checked by
     :func:`check_base_run`): the post-hoc baselines then cost no training."""
@@ -163,9 +164,12 @@ def train_base_run(cfg: TrainConfig, subdir: str, **overrides) -> Path:
 
     if cfg.base_run and subdir in REUSABLE_SUBDIRS:
         return check_base_run(cfg, cfg.base_run, **{k: v for k, v in overrides.items() if k != "seed"})
+    from blob_pyro.resume import checkpoint_path
+
     run_dir = Path(cfg.output_dir) / subdir
     if not (run_dir / "metrics.json").exists():
-        train(replace(cfg, method="svi", output_dir=str(run_dir), overwrite=True, **overrides))
+        resume = cfg.resume and checkpoint_path(run_dir).exists()
+        train(replace(cfg, method="svi", output_dir=str(run_dir), overwrite=True, resume=resume, **overrides))
     return run_dir
 
 

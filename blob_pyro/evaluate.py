@@ -170,7 +170,10 @@ def resolve_eval_tasks(cfg: EvaluateConfig, run_cfg: TrainConfig, run_task, spli
             positions = list(split.validation)[: cfg.max_examples or None]
             held_out = f"the run's validation split (first {len(positions)} of {len(split.validation)}; none seen in training)"
         else:
-            task = load_task(run_cfg, spec, roles=("validation",))
+            try:
+                task = load_task(run_cfg, spec, roles=("validation",))
+            except (FileNotFoundError, ValueError, KeyError, OSError) as err:
+                raise PreflightError(f"--eval-tasks {spec!r} cannot be loaded: {err}") from None
             positions = evaluation_positions(sample_cfg, task)
             held_out = (f"{len(positions)} examples of its evaluation split (whole file if none): stratified sample "
                         f"seeded by the run's --split-seed {run_cfg.split_seed}")

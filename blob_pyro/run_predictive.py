@@ -27,7 +27,7 @@ import contextlib
 import dataclasses
 import importlib
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 

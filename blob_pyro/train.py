@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from blob_pyro.baselines.common import save_predictions
 from blob_pyro.assembly import (
     batches, build_guide, uses_answer_letters, build_model, build_objective, encode_examples, evaluation_positions, load_network, load_task,
-    length_sorted, make_split, prepare_data, resolve_device, resolve_dtype, training_batches,
+    length_sorted, prepare_data, resolve_device, resolve_dtype, training_batches,
 )
 from blob_pyro.checkpoint import save_adapter_and_guide
 from blob_pyro.config import TrainConfig

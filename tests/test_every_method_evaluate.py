@@ -8,7 +8,6 @@ uncertainty decomposition against its definition."""
 import json
 import warnings
 
-import numpy as np
 import pytest
 
 from blob_pyro.evaluate import main as evaluate_main
@@ -80,6 +79,9 @@ def test_evaluate_and_eval_tasks_work_for_every_method(method, tasks, model_dir,
         probs, labels = load_predictions(run)
         assert block["ensemble_2"]["nll"] == pytest.approx(trained["ensemble_2"]["nll"], abs=1e-5)
         assert block["ensemble_2"]["acc"] == trained["ensemble_2"]["acc"]
+        rows = json.loads((out / "per_example_colours.json").read_text())  # same (length-sorted) order as the run's file
+        assert [r["label"] for r in rows] == labels.tolist()
+        assert [r["confidence"] for r in rows] == pytest.approx(probs["ensemble_2"].max(-1).tolist(), abs=1e-5)
     elif method == "laplace_probit":  # deterministic: the same linearised predictive
         assert block["probit"]["nll"] == pytest.approx(trained["probit"]["nll"], abs=1e-5)
         assert block["mean"]["nll"] == pytest.approx(trained["mean"]["nll"], abs=1e-5)

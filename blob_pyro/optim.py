@@ -50,10 +50,15 @@ class ClippedScheduledOptim(PyroLRScheduler):
         self.max_grad_norm = max_grad_norm
         self.loss_scale = float(loss_scale)
         self.last_grad_norm: Optional[float] = None
+        #: Data parallelism (blob_pyro.distributed): ``params -> params`` combines the gradients across
+        #: processes in place and returns the parameters in an order that is the same on every process.
+        self.gradient_reducer: Optional[Callable[[list], list]] = None
         super().__init__(scheduler_constructor, optim_args)
 
     def __call__(self, params, *args, **kwargs) -> None:
         params = [p for p in params if p.grad is not None]
+        if self.gradient_reducer is not None:
+            params = self.gradient_reducer(params)
         if params:
             limit = float("inf") if self.max_grad_norm is None else self.max_grad_norm * self.loss_scale
             norm = float(torch.nn.utils.clip_grad_norm_(params, limit))

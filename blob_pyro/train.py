@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import platform
 import sys
 import time
@@ -31,6 +32,7 @@ from blob_pyro.assembly import (
 from blob_pyro.checkpoint import save_adapter_and_guide
 from blob_pyro.config import TrainConfig
 from blob_pyro.data import answer_token_ids, task_spec_name
+from blob_pyro.distributed import DataParallel, check_divisible_epochs, environment_world_size
 from blob_pyro.evaluation.metrics import classification_metrics
 from blob_pyro.evaluation.predictive import posterior_mean_probs
 from blob_pyro.evaluation.report import evaluate_modes, results_table
@@ -62,14 +64,23 @@ def versions() -> dict:
 
 
 def train(cfg: TrainConfig) -> dict:
-    """Run one configuration end to end; returns ``metrics`` (also written to ``metrics.json``)."""
+    """Run one configuration end to end; returns ``metrics`` (also written to ``metrics.json``).
+
+    Under ``torchrun`` (blob_pyro.distributed) every process trains on its shard of each global batch of
+    ``processes * batch_size`` examples; rank 0 alone writes files and evaluates, the others return ``{}``.
+    """
     if cfg.method != "svi":  # baselines that are not one SVI run (blob_pyro.baselines)
+        if environment_world_size() > 1:
+            raise ValueError(f"--method {cfg.method} runs in one process; launch it without torchrun "
+                             f"(found WORLD_SIZE={environment_world_size()})")
         from blob_pyro.baselines import run_method
 
         prepare_output_dir(cfg)
         return run_method(cfg)
     out = prepare_output_dir(cfg)
-    cfg.save(out / "config.json")
+    parallel = DataParallel.from_environment(cfg.device)
+    if parallel.is_main:
+        cfg.save(out / "config.json")
     pyro.clear_param_store()  # the global param store must not leak tensors between runs
     pyro.set_rng_seed(cfg.seed)
     pyro.enable_validation(False)  # ~15% faster steps; the unit tests run with validation on
@@ -83,7 +94,8 @@ def train(cfg: TrainConfig) -> dict:
     network, tokenizer = load_network(cfg, task.num_choices, dtype=resolve_dtype(cfg.base_dtype, device))
     network.to(device)
     data = prepare_data(cfg, task, split, tokenizer)  # validation in length order: split.json and predictions follow it
-    (out / "split.json").write_text(json.dumps({"task": task.source, **data.split.remap(task.file_indices).to_dict()}) + "\n")
+    if parallel.is_main:
+        (out / "split.json").write_text(json.dumps({"task": task.source, **data.split.remap(task.file_indices).to_dict()}) + "\n")
     val_batches = batches(data, data.validation, batch_size=cfg.eval_batch_size, device=device)
     labels = data.validation.labels
     ood_sets = prepare_ood_tasks(cfg, data, tokenizer, device)  # before training: a bad --eval-tasks fails fast
@@ -91,13 +103,19 @@ def train(cfg: TrainConfig) -> dict:
     # Model, prior, guide, objective
     model = build_model(cfg, network, data)
     guide = build_guide(cfg, model).to(device)
-    objective = build_objective(cfg, model, guide, num_data=len(data.train))
+    objective = build_objective(cfg, model, guide, num_data=len(data.train), processes=parallel.world_size)
+    global_batch = cfg.batch_size * parallel.world_size
+    trainable = [p for p in model.parameters() if p.requires_grad] + list(guide.parameters())
+    if parallel.active:
+        check_divisible_epochs(len(data.train), global_batch, parallel.world_size)
+        parallel.attach(objective)
+        parallel.broadcast_parameters(trainable)
     log(f"adapted {len(model.adapters)} layers; trainable: "
         f"{sum(p.numel() for p in model.parameters() if p.requires_grad) + sum(p.numel() for p in guide.parameters()):,} numbers")
 
     metrics = {}
     model.eval()
-    if cfg.zero_shot:  # B = 0 at initialisation, so the adapted model is exactly the base model
+    if cfg.zero_shot and parallel.is_main:  # B = 0 at initialisation, so the adapted model is exactly the base model
         zero_shot_start = time.perf_counter()
         metrics["zero_shot"] = classification_metrics(posterior_mean_probs(model, guide, val_batches).numpy(), labels.numpy())
         log(f"zero-shot evaluation: {len(labels)} examples in {time.perf_counter() - zero_shot_start:.1f} s "
@@ -106,11 +124,12 @@ def train(cfg: TrainConfig) -> dict:
 
     # Training
     model.train()
-    stream = training_batches(data, batch_size=cfg.batch_size, seed=cfg.seed, device=device)
+    stream = training_batches(data, batch_size=global_batch, seed=cfg.seed, device=device)
     train_start = time.perf_counter()
-    with open(out / "train_log.jsonl", "w") as log_file, tqdm(total=cfg.max_steps, desc="train", file=sys.stderr) as bar:
+    log_path = out / "train_log.jsonl" if parallel.is_main else os.devnull
+    with open(log_path, "w") as log_file, tqdm(total=cfg.max_steps, desc="train", file=sys.stderr, disable=not parallel.is_main) as bar:
         for step in range(cfg.max_steps):
-            stats = objective.step(next(stream), step)
+            stats = parallel.step(objective, next(stream), step)
             if not math.isfinite(stats["loss"]):
                 raise FloatingPointError(f"loss is {stats['loss']} at step {step}; lower --lr. Config and split are saved in {out}")
             bar.update(1)
@@ -119,7 +138,13 @@ def train(cfg: TrainConfig) -> dict:
                 log_file.write(json.dumps({"step": step, **stats}) + "\n")
                 log_file.flush()
     train_seconds = time.perf_counter() - train_start
-    log(f"trained {cfg.max_steps} steps in {train_seconds:.0f} s ({cfg.max_steps * cfg.batch_size / train_seconds:.2f} examples/s)")
+    log(f"trained {cfg.max_steps} steps in {train_seconds:.0f} s ({cfg.max_steps * global_batch / train_seconds:.2f} examples/s)")
+    if parallel.active:
+        difference = parallel.max_parameter_difference()
+        if difference > 0:
+            log(f"warning: trained parameters differ across the {parallel.world_size} processes by up to {difference:.3g}")
+        if not parallel.is_main:  # rank 0 alone evaluates and writes files
+            return {}
     save_adapter_and_guide(out, model, guide)
 
     # Evaluation
@@ -145,7 +170,7 @@ def train(cfg: TrainConfig) -> dict:
         "ood_seconds": ood_seconds,
         "ood_tasks": {name: {"spec": s["spec"], "source": s["task"].source, "num_choices": s["task"].num_choices,
                              "positions": s["positions"]} for name, s in ood_sets.items()},
-        "train_examples_per_second": cfg.max_steps * cfg.batch_size / train_seconds,
+        "train_examples_per_second": cfg.max_steps * global_batch / train_seconds, "processes": parallel.world_size,
         "device": str(device), "versions": versions(), "num_train": len(data.train), "num_validation": len(labels),
     }
     (out / "run.json").write_text(json.dumps(run_info, indent=2) + "\n")

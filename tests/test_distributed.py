@@ -223,3 +223,25 @@ def test_one_gpu_device_is_refused_under_torchrun(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(ValueError, match="--device cuda:1 names one GPU"):
         DataParallel.from_environment("cuda:1")
+
+
+@pytest.mark.slow  # ~25 s: launches torchrun's agent and two fresh interpreters; the spawn tests above cover the maths
+def test_torchrun_command_line_matches_one_process(tmp_path, tiny_causal_lm_dir):
+    """The documented launch: ``torchrun --standalone --nproc_per_node 2 -m blob_pyro.train`` (gloo, env://)."""
+    import subprocess
+    import sys
+
+    task = write_bigbench_task(tmp_path / "task.json", num_examples=40)
+    extra = CONFIGS["blob_elbo_flipout_separate"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "blob_pyro.train",
+               *run_args(tiny_causal_lm_dir, task, tmp_path / "parallel", PER_PROCESS_BATCH, extra), "--device", "cpu"]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    main(run_args(tiny_causal_lm_dir, task, tmp_path / "single", 2 * PER_PROCESS_BATCH, extra))
+    parallel_tensors, _, parallel_metrics = read_run(tmp_path / "parallel")
+    single_tensors, _, single_metrics = read_run(tmp_path / "single")
+    for key, value in single_tensors.items():
+        torch.testing.assert_close(parallel_tensors[key], value, rtol=1e-5, atol=1e-6, msg=key)
+    assert parallel_metrics.keys() == single_metrics.keys()
+    assert sorted(p.name for p in (tmp_path / "parallel").iterdir()) == sorted(p.name for p in (tmp_path / "single").iterdir())

@@ -232,6 +232,16 @@ class DataParallel:
                 offset += n
         return params
 
+    def agree_to_stop(self, stop) -> bool:
+        """Whether any process has received a stop signal (``stop.signum`` set, blob_pyro.interrupt): then
+        all stop after the same step, and rank 0 writes the checkpoint. One small all-reduce per step."""
+        flag = stop.signum is not None
+        if not self.active:
+            return flag
+        value = torch.tensor([float(flag)], device=self.comm_device)
+        dist.all_reduce(value, op=dist.ReduceOp.MAX)
+        return bool(value.item())
+
     # --- checks -------------------------------------------------------------------------------------
 
     def broadcast_parameters(self, tensors: list) -> None:

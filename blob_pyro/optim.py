@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 from typing import Callable, Optional
 
+import pyro
 import torch
 from pyro.optim import PyroLRScheduler
 
@@ -56,7 +57,10 @@ class ClippedScheduledOptim(PyroLRScheduler):
         super().__init__(scheduler_constructor, optim_args)
 
     def __call__(self, params, *args, **kwargs) -> None:
-        params = [p for p in params if p.grad is not None]
+        # SVI passes a set (ordered by tensor id, which differs between processes); the global norm sums
+        # in list order, so sort by parameter name for results that repeat bitwise across processes.
+        store = pyro.get_param_store()
+        params = sorted((p for p in params if p.grad is not None), key=store.param_name)
         if self.gradient_reducer is not None:
             params = self.gradient_reducer(params)
         if params:

@@ -295,8 +295,11 @@ def build_guide(cfg: TrainConfig, model: BayesianLoRAModel, *, init_loc_fn=None)
     return make_guide(cfg.guide, model, **options)
 
 
-def build_objective(cfg: TrainConfig, model, guide, *, num_data: int):
-    cycle = kl_cycle_length(num_data, cfg.batch_size, dataset_rescaling=cfg.dataset_rescaling, gamma=cfg.gamma)
+def build_objective(cfg: TrainConfig, model, guide, *, num_data: int, processes: int = 1):
+    """The training objective; ``processes`` P (data parallelism, ``--batch-size`` per process) enters
+    the KL cycle length M as in the official code."""
+    cycle = kl_cycle_length(num_data, cfg.batch_size, dataset_rescaling=cfg.dataset_rescaling, gamma=cfg.gamma,
+                            processes=processes)
     kl = KLWeighting(cfg.kl_schedule, cycle, cfg.kl_weight)
     flipout = None if cfg.flipout == "none" else cfg.flipout
     common = dict(

@@ -99,14 +99,14 @@ class TrainConfig:
     elbo: str = _f("trace", "ELBO estimator for --objective elbo: trace (Trace_ELBO, MC KL) or meanfield (TraceMeanField_ELBO, closed-form KL)", ["trace", "meanfield"])
     kl_schedule: str = _f("constant", "KL re-weighting: constant, blob (official, increasing 2^i/(2^(M+1)-1)) or blundell (decreasing)", ["constant", "blob", "blundell"])
     kl_weight: float = _f(1.0, "constant multiplier on the KL term (elbo: in per-dataset ELBO units; parity: on pi_i*KL)")
-    dataset_rescaling: bool = _f(False, "BLoB dataset rescaling of the cycle length: M = int(100 N^(pi/gamma) / b)")
+    dataset_rescaling: bool = _f(False, "BLoB dataset rescaling of the cycle length: M = int(100 N^(pi/gamma) / P / b), P the number of processes (torchrun), b the per-process batch")
     gamma: float = _f(8.0, "gamma of the dataset-rescaling formula")
     kllr: float = _f(0.01, "parity objective: SGD learning rate of the KL step (LLaMA 0.01, RoBERTa 0.002)")
     flipout: str = _f("none", "flipout on A during training: none, token (official per-token signs) or sequence (exactly unbiased per example)", ["none", "token", "sequence"])
 
     # Optimisation
     max_steps: int = _f(200, "training steps (minibatches); 200 keeps the default run near five minutes on 2 CPU cores; 0 only with --init-from-peft (evaluate the imported adapter)")
-    batch_size: int = _f(4, "training minibatch size")
+    batch_size: int = _f(4, "training minibatch size per process (under torchrun with K processes the global batch is K times this)")
     lr: float = _f(1e-3, "AdamW learning rate (peak, after warm-up); 1e-3 learns social_iqa on SmolLM2-135M in 300 steps (README 'Learning first')")
     weight_decay: float = _f(0.0, "AdamW weight decay")
     adam_eps: float = _f(1e-6, "AdamW epsilon")

@@ -128,7 +128,7 @@ def write_baseline_run(cfg: TrainConfig, metrics: dict, probs_by_mode: dict, lab
 # Fields that must agree between a baseline and a reused --base-run (what shapes the model, data and seed).
 BASE_RUN_FIELDS = (
     "model", "task", "task_format", "column_mapping", "task_type", "answer_scoring", "num_train", "num_validation",
-    "split_seed", "split_file", "max_length", "target_modules", "rank", "alpha", "seed", "max_steps", "batch_size",
+    "num_calibration", "split_seed", "split_file", "max_length", "target_modules", "rank", "alpha", "seed", "max_steps", "batch_size",
 )
 REUSABLE_SUBDIRS = ("base", "member_0")
 
@@ -140,7 +140,7 @@ def check_base_run(cfg: TrainConfig, base_dir, **overrides) -> Path:
     for name in ("config.json", "metrics.json", "adapter.safetensors"):
         if not (base_dir / name).exists():
             raise ValueError(f"--base-run {base_dir}: no {name}; point it at a finished python -m blob_pyro.train run directory")
-    recorded = json.loads((base_dir / "config.json").read_text())
+    recorded = {"num_calibration": 0, **json.loads((base_dir / "config.json").read_text())}  # older runs: no calibration
     expected = {**cfg.to_dict(), **overrides}
     fields = [*BASE_RUN_FIELDS, "guide", "lora_dropout"]
     differ = {f: (recorded.get(f), expected.get(f)) for f in fields if recorded.get(f) != expected.get(f)}

@@ -16,9 +16,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-__all__ = ["TrainConfig", "config_parser", "DEFAULT_TASK"]
+__all__ = ["TrainConfig", "config_parser", "DEFAULT_TASK", "RECIPES"]
 
 DEFAULT_TASK = "bundled:social_iqa"
+
+#: Named bundles of field values. ``official``: the update rule and hyper-parameters of the BLoB paper's
+#: LLaMA runs as its released code runs them (Wang et al. 2024, section 4 and appendix): two optimisers
+#: (AdamW on the NLL, SGD at ``kllr`` on pi_i * KL), the increasing KL re-weighting cycle with dataset
+#: rescaling, per-token flipout, no gradient clipping.
+RECIPES: dict[str, dict[str, Any]] = {
+    "official": {
+        "guide": "blob", "objective": "parity", "kl_schedule": "blob", "kl_weight": 1.0, "dataset_rescaling": True,
+        "gamma": 8.0, "flipout": "token", "max_grad_norm": 0.0, "lr": 1e-4, "kllr": 0.01, "adam_eps": 1e-6,
+        "weight_decay": 0.0, "eps": 0.05, "prior": "normal", "prior_scale": 0.2, "max_steps": 5000,
+        "warmup_ratio": 0.06,
+    },
+}
 
 
 def _f(default, help: str, choices: Optional[Sequence[Any]] = None):
@@ -49,6 +62,10 @@ class TrainConfig:
     split_seed: int = _f(0, "seed of the stratified train/validation split")
     split_file: Optional[str] = _f(None, "JSON split file with 'train'/'validation' index lists (overrides num_train/num_validation/split_seed)")
     max_length: int = _f(256, "maximum prompt length in tokens (the question is truncated from the left)")
+
+    # Recipe (applied first; any field named on the command line or in --recipe-overrides keeps its value)
+    recipe: str = _f("none", "a named bundle of settings: none, or official (BLoB paper's update rule and LLaMA hyper-parameters: --objective parity --kl-schedule blob --dataset-rescaling --flipout token --max-grad-norm 0 --lr 1e-4 --kllr 0.01 --eps 0.05 --prior normal --prior-scale 0.2 --max-steps 5000 --warmup-ratio 0.06). Flags given on the command line override the recipe", ["none", *RECIPES])
+    recipe_overrides: str = _f("", "comma-separated field names that keep their given value under --recipe (filled in automatically from the flags on the command line; recorded in config.json)")
 
     # Adapter and prior
     target_modules: str = _f("q_proj,v_proj,lm_head", "comma-separated Linear-layer names or suffixes to adapt, or 're:<regex>' for a full-match regex")
@@ -109,6 +126,7 @@ class TrainConfig:
     base_dtype: str = _f("auto", "dtype of the frozen base model: auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16, float16", ["auto", "float32", "bfloat16", "float16"])
 
     def __post_init__(self):
+        self._apply_recipe()
         positive_ints = ["num_train", "num_validation", "max_length", "rank", "max_steps", "batch_size", "eval_batch_size", "log_every"]
         for name in positive_ints:
             value = getattr(self, name)
@@ -184,6 +202,36 @@ class TrainConfig:
         if self.objective == "parity" and (self.bayesian_sites or self.prior == "hierarchical"):
             raise ValueError("--objective parity supports neither --bayesian-sites nor --prior hierarchical; use --objective elbo")
 
+    def _apply_recipe(self) -> None:
+        """Set the recipe's values on every field not named in ``recipe_overrides``. A field that holds
+        neither its default nor the recipe's value and is not named there is a conflict, not silently lost."""
+        if self.recipe == "none":
+            return
+        if self.recipe not in RECIPES:
+            raise ValueError(f"--recipe must be one of {['none', *RECIPES]}, got {self.recipe!r}")
+        known = {f.name: f for f in dataclasses.fields(self)}
+        overrides = [name.strip().replace("-", "_") for name in self.recipe_overrides.split(",") if name.strip()]
+        unknown = sorted(set(overrides) - set(known))
+        if unknown:
+            raise ValueError(f"--recipe-overrides names unknown fields {unknown}; use field names such as lr,max_steps")
+        for name, value in RECIPES[self.recipe].items():
+            current = getattr(self, name)
+            if name in overrides or current == value:
+                continue
+            if current != known[name].default:
+                raise ValueError(
+                    f"--{_flag(name)} {current!r} conflicts with --recipe {self.recipe} ({value!r}); to override the "
+                    f"recipe pass the flag on the command line or name it in --recipe-overrides"
+                )
+            setattr(self, name, value)
+        self.recipe_overrides = ",".join(sorted(set(overrides)))
+
+    @classmethod
+    def from_recipe(cls, recipe: str, **fields) -> "TrainConfig":
+        """``TrainConfig(recipe=recipe, **fields)`` where every field given here overrides the recipe."""
+        named = [name.strip() for name in fields.pop("recipe_overrides", "").split(",") if name.strip()]
+        return cls(recipe=recipe, recipe_overrides=",".join([*named, *fields]), **fields)
+
     @property
     def eval_task_specs(self) -> list:
         """``eval_tasks`` as a list of task specs (empty when unset)."""
@@ -218,9 +266,13 @@ class TrainConfig:
 
     @classmethod
     def from_argv(cls, argv: Optional[Sequence[str]] = None, *, prog: str = "python -m blob_pyro.train") -> "TrainConfig":
-        args = config_parser(cls, prog=prog).parse_args(argv)
+        args = vars(config_parser(cls, prog=prog).parse_args(argv))
+        if args["recipe"] != "none":  # the flags given on the command line override the recipe
+            given = vars(config_parser(cls, prog=prog, keep_defaults=False).parse_args(argv))
+            named = [name.strip() for name in args["recipe_overrides"].split(",") if name.strip()]
+            args["recipe_overrides"] = ",".join([*named, *(name for name in given if name in RECIPES[args["recipe"]])])
         try:
-            return cls(**vars(args))
+            return cls(**args)
         except ValueError as err:
             raise SystemExit(f"{prog}: error: {err}") from None
 
@@ -229,8 +281,12 @@ def _flag(name: str) -> str:
     return name.replace("_", "-")
 
 
-def config_parser(cls, *, prog: str, description: Optional[str] = None) -> argparse.ArgumentParser:
-    """An ``argparse`` parser with one ``--flag`` per dataclass field (bools get ``--no-flag`` too)."""
+def config_parser(cls, *, prog: str, description: Optional[str] = None, keep_defaults: bool = True) -> argparse.ArgumentParser:
+    """An ``argparse`` parser with one ``--flag`` per dataclass field (bools get ``--no-flag`` too).
+
+    ``keep_defaults=False``: fields not given on the command line are absent from the parsed namespace
+    (how :meth:`TrainConfig.from_argv` tells which flags override a recipe).
+    """
     parser = argparse.ArgumentParser(
         prog=prog, description=description or cls.__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
@@ -238,7 +294,8 @@ def config_parser(cls, *, prog: str, description: Optional[str] = None) -> argpa
     for f in dataclasses.fields(cls):
         hint = hints[f.name]
         kind = next((a for a in typing.get_args(hint) if a is not type(None)), hint)  # Optional[X] -> X
-        kwargs: dict[str, Any] = {"default": f.default, "help": f.metadata.get("help", ""), "dest": f.name}
+        kwargs: dict[str, Any] = {"default": f.default if keep_defaults else argparse.SUPPRESS,
+                                  "help": f.metadata.get("help", ""), "dest": f.name}
         if kind is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
         else:

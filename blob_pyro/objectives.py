@@ -5,13 +5,15 @@
     ``(N / b) * NLL_batch_sum + kl_weight_t * KL``: the likelihood scaled by the data plate, the prior
     term counted once and weighted by ``kl_weight_t`` on the A sites of model AND guide. With
     ``kl_schedule="constant"`` and ``kl_weight=1`` this is the plain per-dataset ELBO;
-    ``"blob"``/``"blundell"`` use ``kl_weight * M * pi_t`` (PYRO_NOTES.md, "KL weights in numbers").
+    ``"blob"``/``"blundell"`` use ``kl_weight * M * pi_t``, Blundell et al.'s (2015) minibatch weighting in per-dataset units.
 ``ParityObjective``
-    The official BLoB update (BLOB.md section 2): AdamW on the batch-mean NLL for M and B, then plain
+    The official BLoB update (Wang et al. 2024, section 3.3, as its released code implements it): AdamW on the batch-mean NLL for M and B, then plain
     SGD (``kllr``) on ``pi_t * KL`` for all parameters; G is trained by the SGD step only (on its
     NLL + pi_t * KL gradients). The KL is closed form, summed over elements, in float64.
 
-Both expose ``step(batch, step) -> dict`` of scalars for logging.
+Both expose ``step(batch, step) -> dict`` of scalars for logging: ``loss``, ``nll`` (batch-mean negative
+log-likelihood of the labels), ``kl`` (KL(q || p) summed over the Bayesian sites, unweighted) and
+``kl_weight``.
 """
 
 from __future__ import annotations
@@ -31,7 +33,9 @@ from blob_pyro.models.bayesian_model import BayesianLoRAModel
 from .optim import adamw_with_schedule
 from .schedules import kl_reweighting_pi, linear_warmup_decay
 
-__all__ = ["ELBOS", "make_elbo", "KLWeighting", "ELBOObjective", "ParityObjective", "closed_form_kl"]
+__all__ = [
+    "ELBOS", "make_elbo", "TermRecordingELBO", "KLWeighting", "ELBOObjective", "ParityObjective", "closed_form_kl",
+]
 
 ELBOS = {"trace": Trace_ELBO, "meanfield": TraceMeanField_ELBO}
 
@@ -42,6 +46,35 @@ def make_elbo(name: str = "trace", **options):
         return ELBOS[name](**options)
     except KeyError:
         raise ValueError(f"unknown ELBO {name!r}; valid names: {sorted(ELBOS)}") from None
+
+
+class TermRecordingELBO:
+    """Mixin for a Pyro ELBO class: splits each particle's loss into its data and prior terms for logging.
+
+    After a step, ``last_terms`` holds ``nll`` (the mean negative log-likelihood per observed example of
+    the minibatch, unscaled by the data plate) and ``weighted_prior_term`` (the loss minus the plate-scaled
+    data term: ``kl_weight`` times the one-draw KL estimate for ``Trace_ELBO``, times the closed-form KL for
+    ``TraceMeanField_ELBO`` where it exists; for a point-estimate guide ``-log p(A)``). Reading them costs
+    no extra pass: they come from the traces the ELBO already built.
+    """
+
+    last_terms: dict = {}
+
+    def _differentiable_loss_particle(self, model_trace, guide_trace):
+        loss, surrogate = super()._differentiable_loss_particle(model_trace, guide_trace)
+        scaled_log_lik, nll_sum, count = 0.0, 0.0, 0
+        for site in model_trace.nodes.values():
+            if site["type"] == "sample" and site["is_observed"] and not site["infer"].get("_deterministic"):
+                scaled_log_lik += float(site["log_prob_sum"].detach())
+                nll_sum -= float(site["unscaled_log_prob"].detach().sum())
+                count += site["unscaled_log_prob"].numel()
+        self.last_terms = {"nll": nll_sum / max(count, 1), "weighted_prior_term": float(torch.as_tensor(loss).detach()) + scaled_log_lik}
+        return loss, surrogate
+
+
+def _recording(elbo_name: str):
+    base = ELBOS[elbo_name] if elbo_name in ELBOS else make_elbo(elbo_name)  # make_elbo raises on a bad name
+    return type(f"TermRecording{base.__name__}", (TermRecordingELBO, base), {})()
 
 
 @dataclass
@@ -120,7 +153,8 @@ class ELBOObjective:
             lr=lr, lr_factor=linear_warmup_decay(total_steps, warmup_ratio), weight_decay=weight_decay,
             eps=adam_eps, max_grad_norm=max_grad_norm, loss_scale=num_data, scale_lr_factor=scale_lr_factor,
         )
-        self.svi = SVI(model, guide, self.optim, make_elbo(elbo))
+        self.elbo = _recording(elbo)
+        self.svi = SVI(model, guide, self.optim, self.elbo)
 
     def kl_weight(self, step: int) -> float:
         return self.kl.elbo_weight(step) if self.guide.scores_prior else 0.0
@@ -133,7 +167,12 @@ class ELBOObjective:
         self.optim.step()
         if not math.isfinite(loss):
             raise FloatingPointError(f"the ELBO loss is {loss} at step {step}; lower --lr or check the data")
-        return {"loss": loss, "kl_weight": weight, "grad_norm_per_example": self.optim.last_grad_norm}
+        terms = self.elbo.last_terms
+        # The prior term divided by its weight: the (one-draw or closed-form) KL, comparable across steps
+        # whatever the schedule. None where the prior term is switched off (weight 0, e.g. plain LoRA).
+        kl = terms["weighted_prior_term"] / weight if weight > 0 else None
+        return {"loss": loss, "nll": terms["nll"], "kl": kl, "kl_weight": weight,
+                "grad_norm_per_example": self.optim.last_grad_norm}
 
 
 class ParityObjective:

@@ -28,14 +28,17 @@ class FixedNoiseBLoBGuide(BLoBGuide):
 
 def test_kl_reweighting_schedules():
     M = 4
-    blob = [kl_reweighting_pi(t, M, "blob") for t in range(M)]
-    # i = t mod M with 0 -> M: steps 0..3 use i = 4, 1, 2, 3; pi_i = 2^i / (2^(M+1) - 1)
-    assert blob == pytest.approx([16 / 31, 2 / 31, 4 / 31, 8 / 31])
+    blob = [kl_reweighting_pi(t, M, "blob") for t in range(2 * M + 1)]
+    # The official counter starts at 1 on the first optimiser step (self.i = 1, incremented after use):
+    # i = 1, 2, 3, 4 (4 mod 4 = 0 -> M), 1, ...; pi_i = 2^i / (2^(M+1) - 1). Written out by hand:
+    assert blob == pytest.approx([2 / 31, 4 / 31, 8 / 31, 16 / 31, 2 / 31, 4 / 31, 8 / 31, 16 / 31, 2 / 31])
     blundell = [kl_reweighting_pi(t, M, "blundell") for t in range(M)]
     assert blundell == pytest.approx([8 / 15, 4 / 15, 2 / 15, 1 / 15])
     assert sum(blundell) == pytest.approx(1.0)
     assert kl_reweighting_pi(7, M, "constant") == 0.25
-    assert kl_reweighting_pi(0, 3000, "blob") == pytest.approx(0.5)  # 2^M / (2^(M+1) - 1), no overflow
+    assert kl_reweighting_pi(2999, 3000, "blob") == pytest.approx(0.5)  # 2^M / (2^(M+1) - 1), no overflow
+    assert kl_reweighting_pi(0, 3000, "blob") == 0.0  # 2 / (2^3001 - 1) underflows, as ~0 in the official code
+    assert kl_reweighting_pi(0, 1, "blob") == pytest.approx(2 / 3)  # M = 1: i = M every step
     with pytest.raises(ValueError, match="unknown KL schedule"):
         kl_reweighting_pi(0, 4, "cosine")
 
@@ -48,9 +51,14 @@ def test_dataset_rescaling_and_cycle_length():
 
 
 def test_linear_warmup_then_decay():
+    # The official schedule: s / w during warm-up (the first step runs at lr 0), then (T - s) / (T - w).
     f = linear_warmup_decay(100, 0.1)
-    assert f(0) == pytest.approx(1 / 11) and f(9) == pytest.approx(10 / 11)
+    assert [f(s) for s in (0, 1, 9)] == pytest.approx([0.0, 0.1, 0.9])
     assert f(10) == pytest.approx(1.0) and f(55) == pytest.approx(0.5) and f(100) == 0.0
+    # w = 0.06 * 160 = 9.6 is not rounded: steps 0..9 warm up (9 / 9.6), step 10 decays (150 / 150.4)
+    g = linear_warmup_decay(160, 0.06)
+    assert [g(s) for s in (0, 5, 9, 10, 159)] == pytest.approx([0.0, 5 / 9.6, 9 / 9.6, 150 / 150.4, 1 / 150.4])
+    assert linear_warmup_decay(10, 0.0)(0) == 1.0  # no warm-up: the first step at the full rate
 
 
 def test_one_parity_step_equals_a_hand_computation():
@@ -63,7 +71,7 @@ def test_one_parity_step_equals_a_hand_computation():
     guide = FixedNoiseBLoBGuide(model, noise, eps=0.3)
     beta, lr, kllr = 0.2, 1e-2, 5e-2
     kl = KLWeighting("blob", cycle_length=4)
-    pi = 16 / 31  # step 0 of a 4-step 'blob' cycle
+    pi = 2 / 31  # step 0 of a 4-step 'blob' cycle: the official counter starts at i = 1
     batch = synthetic_batch(6)
 
     # Hand computation, from copies of the initial parameters.
@@ -182,3 +190,42 @@ def test_bf16_base_with_fp32_adapters():
     assert layer.lora_B.dtype == torch.float32 and layer.lora_B.grad.dtype == torch.float32
     assert layer.base_layer.weight.dtype == torch.bfloat16
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in guide.parameters())
+
+
+@pytest.mark.parametrize("guide_cls,elbo", [(BLoBGuide, "meanfield"), (BLoBGuide, "trace"), (MLEGuide, "trace")])
+def test_elbo_step_logs_the_nll_and_the_kl_apart(guide_cls, elbo):
+    """loss = N * nll + w * kl exactly; with the closed-form ELBO the logged KL is the closed-form KL of the
+    parameters the step started from, and the logged NLL is the cross-entropy of the drawn network."""
+    from blob_pyro.objectives import closed_form_kl
+
+    torch.manual_seed(0)
+    model = tiny_bayesian_llama()
+    guide = guide_cls(model)
+    batch = synthetic_batch(6)
+    num_data, weight = 60, 0.3
+    objective = ELBOObjective(model, guide, num_data=num_data, total_steps=5, kl=KLWeighting("constant", 1, weight),
+                              lr=1e-3, elbo=elbo, max_grad_norm=None)
+    kl_before = float(closed_form_kl(model, guide)) if guide_cls is BLoBGuide else None
+    stats = objective.step(batch, 0)
+    if guide_cls is MLEGuide:  # plain LoRA: no prior term
+        assert stats["kl_weight"] == 0.0 and stats["kl"] is None
+        assert stats["loss"] == pytest.approx(num_data * stats["nll"], rel=1e-5)
+        return
+    assert stats["loss"] == pytest.approx(num_data * stats["nll"] + weight * stats["kl"], rel=1e-5)
+    if elbo == "meanfield":
+        assert stats["kl"] == pytest.approx(kl_before, rel=1e-4)
+    else:  # one-draw Monte Carlo estimate: same sign of magnitude, not equal
+        assert stats["kl"] != pytest.approx(kl_before, rel=1e-4)
+    assert 0.5 < stats["nll"] < 5.0  # a per-example NLL, not the plate-scaled sum
+
+
+def test_elbo_logged_nll_is_the_cross_entropy_of_the_drawn_network():
+    torch.manual_seed(0)
+    model = tiny_bayesian_llama()
+    guide = MLEGuide(model)
+    batch = synthetic_batch(6)
+    with torch.no_grad():
+        expected = float(torch.nn.functional.cross_entropy(
+            model.class_logits(batch["input_ids"], batch["attention_mask"]), batch["labels"]))
+    objective = ELBOObjective(model, guide, num_data=6, total_steps=5, kl=KLWeighting("constant", 1), lr=1e-3)
+    assert objective.step(batch, 0)["nll"] == pytest.approx(expected, rel=1e-5)

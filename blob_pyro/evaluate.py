@@ -252,6 +252,7 @@ def evaluate(cfg: EvaluateConfig) -> dict:
 
     # The run's model, rebuilt from its config and validated against its files
     run_task, split = run_task_and_split(run_cfg, model_dir)
+    pyro.set_rng_seed(run_cfg.seed)  # a sequence classifier's frozen new head is drawn at load time, as in training
     network, tokenizer = load_network(run_cfg, run_task.num_choices, dtype=resolve_dtype(run_cfg.base_dtype if cfg.base_dtype == "run" else cfg.base_dtype, device))
     network.to(device)
     data = prepare_data(run_cfg, run_task, split, tokenizer)
@@ -261,6 +262,7 @@ def evaluate(cfg: EvaluateConfig) -> dict:
     if temperature is not None:
         model.head = TemperatureScaledHead(model.head, temperature)
         log(f"temperature-scaled run: base run {model_dir}, class logits divided by T = {temperature:.4g}")
+    pyro.set_rng_seed(cfg.seed)
     model.eval()
     point_estimate = getattr(guide, "point_estimate", not guide.scores_prior)
     num_draws = 1 if point_estimate else cfg.eval_samples

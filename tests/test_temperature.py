@@ -194,3 +194,39 @@ def test_compare_wires_temperature_to_the_mle_run_of_the_same_seed(tmp_path, mon
     with pytest.raises(SystemExit):  # no calibration split: refused before any run starts
         compare.main(["--methods", "mle,temperature", "--output-dir", str(tmp_path / "new")])
     assert not (tmp_path / "new" / "mle").exists()
+
+
+def test_temperature_on_a_sequence_classifier_with_a_new_head_rebuilds_the_base_run(tmp_path, tiny_bpe_tokenizer):
+    """A sequence classifier from an encoder checkpoint gets a new random head at load time that is frozen and
+    not saved; the post-hoc method and blob_pyro.evaluate must rebuild the same one (seed 3, not the default)."""
+    from transformers import BertConfig, BertModel
+
+    from blob_pyro.baselines.common import load_predictions
+    from blob_pyro.evaluate import main as evaluate_main
+    from blob_pyro.train import main
+
+    torch.manual_seed(0)
+    BertModel(BertConfig(vocab_size=len(tiny_bpe_tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, max_position_embeddings=256, initializer_range=1.0),  # logits far from 0
+              ).save_pretrained(tmp_path / "encoder")
+    tiny_bpe_tokenizer.save_pretrained(tmp_path / "encoder")
+    rows = [{"text": f"{'good great fine' if i % 2 else 'bad awful poor'} {i}", "label": ["negative", "positive"][i % 2]}
+            for i in range(40)]
+    task = tmp_path / "sentiment.jsonl"
+    task.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    common = ["--model", str(tmp_path / "encoder"), "--task-type", "sequence_classification", "--target-modules",
+              "query,value,classifier", "--task", str(task), "--num-train", "20", "--num-validation", "12",
+              "--num-calibration", "6", "--max-steps", "30", "--batch-size", "4", "--lr", "0.02", "--eval-batch-size", "8", "--seed", "3",
+              "--guide", "mle", "--no-zero-shot", "--device", "cpu"]
+    base_metrics = main([*common, "--output-dir", str(tmp_path / "mle")])
+    torch.manual_seed(123)  # the global RNG state must not decide the rebuilt head
+    metrics = main([*common, "--output-dir", str(tmp_path / "ts"), "--method", "temperature", "--base-run", str(tmp_path / "mle")])
+    t = metrics["mean"]["temperature"]
+    base_probs, _ = load_predictions(tmp_path / "mle")
+    probs, _ = load_predictions(tmp_path / "ts")
+    expected = torch.softmax(torch.log(torch.tensor(base_probs["mean"], dtype=torch.float64)) / t, -1).numpy()
+    assert np.allclose(probs["mean"], expected, atol=1e-5)
+    assert metrics["mean"]["acc"] == base_metrics["mean"]["acc"]
+    assert base_metrics["mean"]["acc"] > 0.75 and 0.02 < t < 50  # a trained, not uniform, predictor
+    evaluated = evaluate_main(["--run-dir", str(tmp_path / "ts"), "--eval-batch-size", "8", "--device", "cpu"])
+    assert next(iter(evaluated["metrics"].values()))["mean"]["nll"] == pytest.approx(metrics["mean"]["nll"], abs=1e-5)

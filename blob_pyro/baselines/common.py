@@ -87,7 +87,9 @@ def load_run(run_dir, *, network=None, tokenizer=None) -> LoadedRun:
     """Rebuild model, guide and tokenized data of the run in ``run_dir`` and restore its parameters.
 
     :param network, tokenizer: a fresh (never adapted) pretrained network and its tokenizer, to skip
-        loading them again; default: loaded from the run's config.
+        loading them again (a sequence classifier's must have been loaded right after
+        ``pyro.set_rng_seed(run seed)``, or its frozen random head differs from the run's); default: loaded
+        from the run's config.
     """
     from blob_pyro.assembly import (
         build_guide, build_model, load_network, load_task, make_split, prepare_data, resolve_device, resolve_dtype,
@@ -97,6 +99,9 @@ def load_run(run_dir, *, network=None, tokenizer=None) -> LoadedRun:
     run_dir = Path(run_dir)
     cfg = TrainConfig.load(run_dir / "config.json")
     pyro.clear_param_store()
+    # A sequence classifier's new head is drawn at load time and frozen, and not saved with the adapters:
+    # seeding as train does (same calls in the same order) draws the same head again.
+    pyro.set_rng_seed(cfg.seed)
     device = resolve_device(cfg.device)
     task = load_task(cfg)
     split = make_split(cfg, task)

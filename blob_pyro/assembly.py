@@ -10,7 +10,7 @@ import dataclasses
 import importlib.resources
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional, Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
@@ -33,6 +33,7 @@ from blob_pyro.schedules import kl_cycle_length
 __all__ = [
     "resolve_task_path", "load_task", "make_split", "evaluation_positions", "TaskData", "prepare_data", "resolve_device", "resolve_dtype",
     "build_model", "check_shared_prompt_support", "build_guide", "build_objective", "batches", "training_batches",
+    "TrainingBatches",
 ]
 
 BUNDLED_PREFIX = "bundled:"
@@ -200,11 +201,22 @@ def resolve_dtype(spec: str, device: torch.device) -> torch.dtype:
 
 
 def load_network(cfg: TrainConfig, num_classes: int, *, dtype: torch.dtype):
+    """The pretrained network in ``dtype``; with ``--base-quantization`` its linear layers are bitsandbytes
+    layers, placed on ``--device`` at load time (:mod:`blob_pyro.quantization`)."""
     from blob_pyro import pretrained
+    from blob_pyro.quantization import bitsandbytes_config
 
+    options = {}
+    quantization = bitsandbytes_config(cfg.base_quantization, compute_dtype=dtype)
+    if quantization is not None:
+        options = {"quantization_config": quantization, "device_map": {"": str(resolve_device(cfg.device))}}
     if cfg.task_type == "causal_lm":
-        return pretrained.load_causal_lm(cfg.model, dtype=dtype)
-    return pretrained.load_sequence_classifier(cfg.model, num_labels=num_classes, dtype=dtype)
+        return pretrained.load_causal_lm(cfg.model, dtype=dtype, **options)
+    # The classification head is new and random (and frozen under its adapter): seed its initialisation
+    # with the run's seed, so that every later load of the run (evaluate, post-hoc baselines) rebuilds
+    # the head the run was trained with, whatever the RNG state of the caller.
+    torch.manual_seed(cfg.seed)
+    return pretrained.load_sequence_classifier(cfg.model, num_labels=num_classes, dtype=dtype, **options)
 
 
 def check_classifier_adapted(network, target_modules: str) -> None:
@@ -291,8 +303,12 @@ GUIDE_OPTIONS = {  # which TrainConfig fields each registered guide takes (as gu
 }
 
 
-def build_guide(cfg: TrainConfig, model: BayesianLoRAModel):
+def build_guide(cfg: TrainConfig, model: BayesianLoRAModel, *, init_loc_fn=None):
+    """The ``--guide`` of ``model``; ``init_loc_fn`` (``layer -> (rank, in_features)``) overrides the LoRA
+    init of its mean of A (e.g. :func:`blob_pyro.peft_adapter.peft_init_loc_fn`)."""
     options = {key: getattr(cfg, field) for key, field in GUIDE_OPTIONS.get(cfg.guide, {}).items()}
+    if init_loc_fn is not None:
+        options["init_loc_fn"] = init_loc_fn
     if cfg.bayesian_sites:
         options["sites"] = cfg.bayesian_sites
     return make_guide(cfg.guide, model, **options)
@@ -303,7 +319,8 @@ def build_objective(cfg: TrainConfig, model, guide, *, num_data: int):
     kl = KLWeighting(cfg.kl_schedule, cycle, cfg.kl_weight)
     flipout = None if cfg.flipout == "none" else cfg.flipout
     common = dict(
-        total_steps=cfg.max_steps, kl=kl, lr=cfg.lr, weight_decay=cfg.weight_decay, adam_eps=cfg.adam_eps,
+        # max(.., 1): with --max-steps 0 (--init-from-peft) the objective is built but never stepped
+        total_steps=max(cfg.max_steps, 1), kl=kl, lr=cfg.lr, weight_decay=cfg.weight_decay, adam_eps=cfg.adam_eps,
         warmup_ratio=cfg.warmup_ratio, max_grad_norm=cfg.max_grad_norm or None, flipout=flipout,
     )
     if cfg.objective == "parity":
@@ -320,9 +337,44 @@ def batches(data: TaskData, encoded: EncodedSplit, *, batch_size: int, device: t
     return [_to(b, device) for b in _iterate(encoded, data=data, batch_size=batch_size, shuffle=False)]
 
 
-def training_batches(data: TaskData, *, batch_size: int, seed: int, device: torch.device) -> Iterator[dict]:
-    """Endless shuffled training minibatches (a new permutation every epoch)."""
-    generator = torch.Generator().manual_seed(seed)
-    while True:
-        for b in _iterate(data.train, data=data, batch_size=batch_size, shuffle=True, generator=generator):
-            yield _to(b, device)
+class TrainingBatches:
+    """Endless shuffled training minibatches (a new permutation every epoch, drawn from a generator seeded
+    with ``seed``), restartable: ``position=(epoch, index)`` continues exactly where a stream that had
+    yielded ``epoch * batches_per_epoch + index`` batches would (the permutations of the earlier epochs are
+    drawn again, ``index`` batches of the current one skipped). ``position``: that of the next batch."""
+
+    def __init__(self, data: TaskData, *, batch_size: int, seed: int, device: torch.device, position: tuple = (0, 0)):
+        self.data, self.batch_size, self.device = data, batch_size, device
+        self.batches_per_epoch = -(-len(data.train) // batch_size)  # the last batch of an epoch may be short
+        epoch, index = (int(v) for v in position)
+        if epoch < 0 or not 0 <= index < self.batches_per_epoch:
+            raise ValueError(f"data position {position} is outside an epoch of {self.batches_per_epoch} batches")
+        self._generator = torch.Generator().manual_seed(seed)
+        for _ in range(epoch):  # an epoch draws its permutation when its first batch is taken
+            next(self._epoch())
+        self._batches, self.position = None, (epoch, 0)
+        for _ in range(index):
+            self._next_cpu()
+
+    def _epoch(self):
+        return _iterate(self.data.train, data=self.data, batch_size=self.batch_size, shuffle=True, generator=self._generator)
+
+    def _next_cpu(self) -> dict:
+        epoch, index = self.position
+        if index == 0:
+            self._batches = self._epoch()
+        batch = next(self._batches)
+        self.position = (epoch, index + 1) if index + 1 < self.batches_per_epoch else (epoch + 1, 0)
+        return batch
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        return _to(self._next_cpu(), self.device)
+
+
+def training_batches(data: TaskData, *, batch_size: int, seed: int, device: torch.device,
+                     position: tuple = (0, 0)) -> TrainingBatches:
+    """Endless shuffled training minibatches from ``position`` ``(epoch, index)``: :class:`TrainingBatches`."""
+    return TrainingBatches(data, batch_size=batch_size, seed=seed, device=device, position=position)

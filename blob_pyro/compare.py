@@ -3,8 +3,11 @@
 
 Each (method, seed) is one ``python -m blob_pyro.train`` run in ``<output-dir>/<method>/seed_<seed>`` (a
 subprocess, so memory is freed between runs). A run directory that already holds ``metrics.json`` is
-reused, so interrupting and rerunning continues where it stopped; ``--report-only`` starts no run and
-tables whatever has finished (the header names what has not). Outputs in ``<output-dir>``:
+reused, so interrupting and rerunning continues where it stopped: a run that left a training checkpoint
+(``checkpoint.safetensors``, also in an ensemble member's directory) continues from it with ``--resume``.
+SIGTERM (forwarded) or Ctrl-C stops the running training after its current step and checkpoint.
+``--report-only`` starts no run and tables whatever has finished (the header names what has not).
+Outputs in ``<output-dir>``:
 
 * ``results.md`` and ``results.csv``: mean +- std over seeds (sample std, ddof = 1) of ACC %, ECE %
   (15 bins), NLL and Brier of each method's primary predictive (its ``samples_N`` if it samples, else the
@@ -15,7 +18,8 @@ Methods: every registered guide (``blob``, ``mle``, ``map``, ``meanfield``, ``no
 an autoguide import path (``module:Class``), run with ``--guide``; and the baselines ``mc_dropout``
 (``--guide mle --lora-dropout 0.1``), ``ensemble`` (``--guide mle``), ``laplace`` (``--guide map``; the
 ``--laplace-*`` defaults: diagonal GGN, MC predictive), ``laplace_kfac`` (``--guide map --laplace-hessian
-kfac --laplace-predictive probit``, Laplace-LoRA as in the paper), ``tfb`` (``--guide mle``), ``temperature``
+kfac --laplace-predictive probit``, Laplace-LoRA as in the paper), ``tfb`` (``--guide mle``), ``blob_official``
+(``--guide blob --recipe official``: the official update rule; compare's own flags override the recipe), ``temperature``
 (``--guide mle``; needs ``--num-calibration K`` among the shared flags, so that every method trains on the same
 ``num_train - K`` examples and T is fitted on the K held out). Flags given after the compare options apply to every run; a method's own
 flags come last and win.
@@ -33,6 +37,7 @@ import csv
 import json
 import platform
 import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -42,6 +47,8 @@ from typing import Optional, Sequence
 import numpy as np
 
 from blob_pyro.baselines.common import load_predictions, primary_mode
+from blob_pyro.interrupt import stop_on_signals
+from blob_pyro.resume import CHECKPOINT_FILE
 
 __all__ = ["METHOD_FLAGS", "BASE_METHOD", "method_flags", "run_order", "main", "summarise", "write_tables", "plot_reliability"]
 
@@ -53,6 +60,9 @@ METHOD_FLAGS = {
     "laplace_kfac": ["--method", "laplace", "--guide", "map", "--laplace-hessian", "kfac", "--laplace-predictive", "probit"],
     "tfb": ["--method", "tfb", "--guide", "mle"],
     "temperature": ["--method", "temperature", "--guide", "mle"],
+    # BLoB as its official code trains it (two optimisers, KL cycle, rescaling, flipout); the flags given to
+    # compare (e.g. --lr, --max-steps, --kllr) still override the recipe's values
+    "blob_official": ["--guide", "blob", "--recipe", "official"],
 }
 BASE_METHOD = {"laplace": "map", "laplace_kfac": "map", "tfb": "mle", "temperature": "mle", "ensemble": "mle"}
 METRICS = [("acc", "ACC %", 100.0), ("ece", "ECE % (15 bins)", 1.0), ("nll", "NLL", 1.0), ("brier", "Brier", 1.0)]
@@ -89,12 +99,32 @@ def run_one(output_dir: Path, method: str, seed: int, train_args: list[str], *, 
         return path
     base = BASE_METHOD.get(method)
     reuse = ["--base-run", str(run_dir(output_dir, base, seed))] if base in methods else []
-    argv = [*train_args, "--seed", str(seed), "--output-dir", str(path), "--overwrite", *method_flags(method), *reuse]
+    resume = ["--resume"] if path.is_dir() and any(path.rglob(CHECKPOINT_FILE)) else []  # an interrupted run
+    argv = [*train_args, "--seed", str(seed), "--output-dir", str(path), "--overwrite", *method_flags(method), *reuse, *resume]
     log(f"[compare] {method} seed {seed}: python -m blob_pyro.train {shlex.join(argv)}")
     start = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "blob_pyro.train", *argv], check=True)
+    run_training(argv)
     log(f"[compare] {method} seed {seed}: done in {time.perf_counter() - start:.0f} s")
     return path
+
+
+def run_training(argv: list[str]) -> None:
+    """``python -m blob_pyro.train argv`` in a subprocess. A SIGTERM to compare is forwarded to it, and
+    compare waits while it finishes its step and writes its checkpoint (Ctrl-C reaches both directly), then
+    exits saying how to resume. Raises ``CalledProcessError`` if the run fails."""
+    process = subprocess.Popen([sys.executable, "-m", "blob_pyro.train", *argv])
+    forwarded = False
+    with stop_on_signals() as stop:
+        while process.poll() is None:
+            if stop.signum == signal.SIGTERM and not forwarded:
+                process.send_signal(signal.SIGTERM)
+                forwarded = True
+            time.sleep(0.2)
+    if stop.signum is not None:
+        raise SystemExit(f"[compare] {stop.name}: the training run stopped (exit status {process.returncode}); rerun "
+                         "the same compare command to continue from its checkpoint")
+    if process.returncode:
+        raise subprocess.CalledProcessError(process.returncode, process.args)
 
 
 def _row(name: str, mode: str, entries: list[dict], wall: float) -> dict:

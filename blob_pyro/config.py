@@ -68,6 +68,7 @@ class TrainConfig:
     recipe_overrides: str = _f("", "comma-separated field names that keep their given value under --recipe (filled in automatically from the flags on the command line; recorded in config.json)")
 
     # Adapter and prior
+    init_from_peft: Optional[str] = _f(None, "start from a trained PEFT LoRA adapter folder (adapter_config.json + adapter_model.safetensors): the guide's mean of A (M) and B begin at its A and B; its r, lora_alpha and adapted layers must equal --rank, --alpha and --target-modules (mismatches are named). Guides blob, map, mle, normal, lowrank (not meanfield, whose B is random); with --max-steps 0 the run evaluates the adapter as is, and --method laplace/tfb then Bayesianize it post hoc (its base run is the adapter). --zero-shot still evaluates the base model")
     target_modules: str = _f("q_proj,v_proj,lm_head", "comma-separated Linear-layer names or suffixes to adapt, or 're:<regex>' for a full-match regex")
     rank: int = _f(8, "LoRA rank r")
     alpha: float = _f(16.0, "LoRA alpha (update scaled by alpha / r)")
@@ -105,7 +106,7 @@ class TrainConfig:
     flipout: str = _f("none", "flipout on A during training: none, token (official per-token signs) or sequence (exactly unbiased per example)", ["none", "token", "sequence"])
 
     # Optimisation
-    max_steps: int = _f(200, "training steps (minibatches); 200 keeps the default run near five minutes on 2 CPU cores")
+    max_steps: int = _f(200, "training steps (minibatches); 200 keeps the default run near five minutes on 2 CPU cores; 0 only with --init-from-peft (evaluate the imported adapter)")
     batch_size: int = _f(4, "training minibatch size")
     lr: float = _f(1e-3, "AdamW learning rate (peak, after warm-up); 1e-3 learns social_iqa on SmolLM2-135M in 300 steps (README 'Learning first')")
     weight_decay: float = _f(0.0, "AdamW weight decay")
@@ -122,12 +123,17 @@ class TrainConfig:
     zero_shot: bool = _f(True, "also evaluate the base model (B = 0) before training")
     output_dir: str = _f("runs/default", "run directory: config, split, adapter/guide safetensors, metrics.json")
     overwrite: bool = _f(False, "allow writing into an output directory that already holds a finished run")
+    checkpoint_every: int = _f(0, "write a resumable training checkpoint (<output-dir>/checkpoint.safetensors, replaced atomically) every this many steps; 0: only at the end of training. SIGTERM/SIGINT always finish the current step, write one and exit")
+    resume: bool = _f(False, "continue the unfinished run in --output-dir from its checkpoint, bitwise as if never interrupted; the config must match the checkpoint's except --resume, --checkpoint-every, --log-every, --output-dir, --overwrite and --device (same device type)")
     device: str = _f("auto", "auto (cuda if available), cpu or cuda[:i]")
     base_dtype: str = _f("auto", "dtype of the frozen base model: auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16, float16", ["auto", "float32", "bfloat16", "float16"])
+    base_quantization: str = _f("none", "quantize the frozen base's linear layers with bitsandbytes (pip install 'blob-pyro[quant]'): none, 8bit (LLM.int8()) or 4bit (NF4, double quantization, compute in --base-dtype). Adapters, guide and KL stay fp32; lm_head stays unquantized", ["none", "8bit", "4bit"])
 
     def __post_init__(self):
         self._apply_recipe()
         positive_ints = ["num_train", "num_validation", "max_length", "rank", "max_steps", "batch_size", "eval_batch_size", "log_every"]
+        if self.init_from_peft and self.max_steps == 0:  # evaluate / Bayesianize the imported adapter as it is
+            positive_ints.remove("max_steps")
         for name in positive_ints:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
@@ -145,6 +151,8 @@ class TrainConfig:
             raise ValueError(f"--lora-dropout must be in [0, 1), got {self.lora_dropout}")
         if not 0.0 <= self.warmup_ratio < 1.0:
             raise ValueError(f"--warmup-ratio must be in [0, 1), got {self.warmup_ratio}")
+        if not (isinstance(self.checkpoint_every, int) and self.checkpoint_every >= 0):
+            raise ValueError(f"--checkpoint-every must be an integer >= 0 (0 = only at the end), got {self.checkpoint_every!r}")
         if self.eval_samples < 0:
             raise ValueError(f"--eval-samples must be >= 0 (0 = posterior mean only), got {self.eval_samples}")
         for f in dataclasses.fields(self):
@@ -199,8 +207,19 @@ class TrainConfig:
             raise ValueError("--method mc_dropout needs dropout to sample from: pass --lora-dropout 0.1 (the paper's value)")
         if self.objective == "parity" and self.scale_lr_factor != 1.0:
             raise ValueError("--scale-lr-factor applies to --objective elbo; the parity rule steps G by SGD at --kllr")
+        if self.init_from_peft is not None:
+            self._check_init_from_peft()
         if self.objective == "parity" and (self.bayesian_sites or self.prior == "hierarchical"):
             raise ValueError("--objective parity supports neither --bayesian-sites nor --prior hierarchical; use --objective elbo")
+
+    def _check_init_from_peft(self) -> None:
+        if not self.init_from_peft.strip():
+            raise ValueError("--init-from-peft is empty: pass the folder of a PEFT LoRA adapter (adapter_config.json + adapter_model.safetensors)")
+        if self.guide == "meanfield":
+            raise ValueError("--init-from-peft sets the deterministic B of the LoRA layers, but --guide meanfield makes B random; "
+                             "use --guide blob, map, mle, normal or lowrank")
+        if self.base_run:
+            raise ValueError("--init-from-peft starts a new base run, --base-run reuses a finished one: pass only one of them")
 
     def _apply_recipe(self) -> None:
         """Set the recipe's values on every field not named in ``recipe_overrides``. A field that holds

@@ -14,7 +14,13 @@ Output directory (default ``<run-dir>/evaluation``):
 
 * ``metrics.json``: one block per task (role, source, n) with modes ``mean`` (posterior mean, N = 0)
   and ``samples_<N>`` (average of N draws; omitted for point-estimate guides, whose draws all agree);
-* ``inference_data_<task>.nc``: ArviZ InferenceData (NetCDF), see :mod:`blob_pyro.evaluation.inference_data`;
+* ``inference_data_<task>.nc``: ArviZ InferenceData (NetCDF), see :mod:`blob_pyro.evaluation.inference_data`:
+  its ``log_likelihood`` group holds ``--loo-examples`` of the run's TRAINING examples (what PSIS-LOO and
+  WAIC assume the posterior was fitted to; the same examples in every task's file), the evaluated
+  held-out examples are in ``posterior_predictive`` / ``observed_data``;
+* ``metrics.json`` also gives each task's ``held_out_lpd``: the held-out log predictive density
+  ``sum_i log mean_s p(y_i | theta_s)`` over the S draws (= ``-n * NLL`` of the averaged predictive), a
+  held-out score in its own right, not a LOO estimate;
 * ``uncertainty.json``: per-task uncertainty decomposition summaries, OOD detection (AUROC/AUPR by
   max-probability, entropy, mutual information), AURC, posterior std of A per site and, for guides with
   a per-site loc and scale, the weight-space size of the mean update against the sampled part
@@ -51,7 +57,8 @@ from blob_pyro.checkpoint import load_adapter_and_guide
 from blob_pyro.config import TrainConfig, config_parser
 from blob_pyro.data import ANSWER_LETTERS, MultipleChoiceTask, answer_token_ids, load_split_file
 from blob_pyro.evaluation.inference_data import (
-    build_inference_data, choose_posterior_sites, draw_predictive, guide_sample_sites, import_arviz, save_inference_data,
+    build_inference_data, choose_posterior_sites, draw_predictive, guide_sample_sites, held_out_lpd, import_arviz,
+    save_inference_data,
 )
 from blob_pyro.evaluation.metrics import classification_metrics
 from blob_pyro.evaluation.plots import (
@@ -80,6 +87,7 @@ class EvaluateConfig:
     eval_tasks: str = _f(RUN_TASK, "comma-separated tasks (same forms as train's --task: BIG-bench JSON, 'bundled:social_iqa', 'paper:<name>', tables) or 'run' (the run's own task, on its validation split); the first is in-distribution, the others OOD")
     eval_samples: int = _f(10, "posterior draws N per example (point-estimate guides use 1: every draw is the same)")
     max_examples: int = _f(400, "examples per task (0: all); the run's task takes the first of its validation split, other tasks a stratified sample seeded by the run's --split-seed (as train's --eval-task-size)")
+    loo_examples: int = _f(200, "training examples (a subsample of the run's training split seeded by --seed; 0: all) whose pointwise log-likelihood under each draw forms the InferenceData log_likelihood group, the data az.loo / az.waic assume the posterior was fitted to")
     posterior_sites: str = _f("all", "sites whose posterior draws go into the InferenceData: 'all', 'none', names or suffixes ('q_proj,lm_head') or 're:<regex>'")
     eval_batch_size: int = _f(16, "evaluation batch size (memory is one batch and one draw of the adapters at a time)")
     seed: int = _f(0, "seed of the posterior draws (draw s is the same network for every task)")
@@ -96,6 +104,8 @@ class EvaluateConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {value!r}")
+        if isinstance(self.loo_examples, bool) or not isinstance(self.loo_examples, int) or self.loo_examples < 0:
+            raise ValueError(f"--loo-examples must be an integer >= 0 (0: every training example), got {self.loo_examples!r}")
         if self.max_examples < 0:
             raise ValueError(f"--max-examples must be >= 0 (0: all), got {self.max_examples}")
         if not self.task_list:
@@ -275,6 +285,9 @@ def evaluate(cfg: EvaluateConfig) -> dict:
     probe = batches(data, data.validation, batch_size=1, device=device)[0]
     posterior_sites = choose_posterior_sites(guide_sample_sites(guide, probe), cfg.posterior_sites)
 
+    # The log_likelihood group: the same S draws on a seeded subsample of the training examples
+    loo = loo_training_draws(cfg, data, run_task, model, guide, num_draws, device)
+
     metrics, draws_by_task, parts, curves, examples_used, timings = {}, {}, {}, {}, {}, {}
     common_attrs = {
         "model": run_cfg.model, "guide": run_cfg.guide, "prior": run_cfg.prior, "prior_scale": run_cfg.prior_scale,
@@ -298,6 +311,7 @@ def evaluate(cfg: EvaluateConfig) -> dict:
                  "num_classes": task.num_choices, "mean": classification_metrics(mean_probs, labels, num_bins=cfg.num_bins)}
         if not point_estimate:
             block[mode_name(num_draws)] = classification_metrics(draws.probs.mean(0), labels, num_bins=cfg.num_bins)
+        block["held_out_lpd"] = held_out_lpd(draws.probs, labels)  # sum_i log mean_s p(y_i | theta_s) = -n * NLL
         metrics[et.name] = block
         draws_by_task[et.name] = (draws.probs, labels)
         parts[et.name] = uncertainty_decomposition(draws.probs)
@@ -307,6 +321,7 @@ def evaluate(cfg: EvaluateConfig) -> dict:
         idata = build_inference_data(
             draws.probs, labels, sampled_labels=draws.sampled_labels, posterior=draws.posterior,
             class_names=list(ANSWER_LETTERS[: task.num_choices]), example_ids=file_ids,
+            **loo,
             attrs={**common_attrs, "task": et.name, "task_source": task.source, "role": et.role,
                    "label_names": list(task.label_names) if task.label_names else None, "draw_seeds": draws.seeds},
         )
@@ -348,6 +363,7 @@ def evaluate(cfg: EvaluateConfig) -> dict:
     (out / "evaluate_run.json").write_text(json.dumps({
         "wall_seconds": time.perf_counter() - wall_start, "task_seconds": timings, "device": str(device),
         "versions": versions(), "posterior_sites": posterior_sites, "examples": examples_used,
+        "log_likelihood_train_file_indices": [int(i) for i in loo["train_example_ids"]],
     }, indent=2) + "\n")
     for name, block in metrics.items():
         modes = {k: v for k, v in block.items() if isinstance(v, dict)}
@@ -355,6 +371,24 @@ def evaluate(cfg: EvaluateConfig) -> dict:
     for name, scores in summary["ood_detection"].items():
         print(f"\nOOD {name} vs {id_name}: " + ", ".join(f"AUROC[{k}] {v['auroc']:.3f}" for k, v in scores.items()))
     return {"metrics": metrics, "uncertainty": summary}
+
+
+def loo_training_draws(cfg: EvaluateConfig, data, run_task, model, guide, num_draws: int, device) -> dict:
+    """``build_inference_data`` keyword arguments for the ``log_likelihood`` group: the S draws of
+    :func:`draw_predictive` (seeded by ``cfg.seed``, so the same networks as every task's) on
+    ``cfg.loo_examples`` training examples, a subsample seeded by ``cfg.seed`` (0: all).
+
+    Returns ``{"train_probs": (S, m, K), "train_labels": (m,), "train_example_ids": (m,) task-file indices}``.
+    """
+    n_train = len(data.train.labels)
+    size = n_train if cfg.loo_examples == 0 else min(cfg.loo_examples, n_train)
+    chosen = np.sort(np.random.default_rng(cfg.seed).choice(n_train, size=size, replace=False))
+    positions, encoded = length_sorted([data.split.train[i] for i in chosen], data.train.select(chosen.tolist()))
+    train_batches = batches(data, encoded, batch_size=cfg.eval_batch_size, device=device)
+    draws = draw_predictive(model, guide, train_batches, num_samples=num_draws, seed=cfg.seed)
+    file_ids = [int(run_task.file_indices[i]) if run_task.file_indices else int(i) for i in positions]
+    log(f"log_likelihood group: {size} of {n_train} training examples x {num_draws} draw(s)")
+    return {"train_probs": draws.probs, "train_labels": encoded.labels.numpy(), "train_example_ids": file_ids}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict:

@@ -159,6 +159,14 @@ class ELBOObjective:
     def kl_weight(self, step: int) -> float:
         return self.kl.elbo_weight(step) if self.guide.scores_prior else 0.0
 
+    def state_dict(self) -> dict:
+        """``{"optim": {param name: {"optimizer": AdamW state, "scheduler": LambdaLR state}}}`` (for resuming)."""
+        return {"optim": self.optim.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Hand the saved states to Pyro's optimiser; each is loaded when its parameter is first stepped."""
+        self.optim.set_state(state["optim"])
+
     def step(self, batch: dict, step: int) -> dict:
         weight = self.kl_weight(step)
         loss = self.svi.step(
@@ -198,6 +206,17 @@ class ParityObjective:
         self.sgd = torch.optim.SGD(means + roots + bs, lr=kllr)
         self.schedulers = [torch.optim.lr_scheduler.LambdaLR(o, factor) for o in (self.adamw, self.sgd)]
         self.max_grad_norm = max_grad_norm
+
+    def state_dict(self) -> dict:
+        """Both optimisers' and both schedulers' states (for resuming)."""
+        return {"adamw": self.adamw.state_dict(), "sgd": self.sgd.state_dict(),
+                "schedulers": [s.state_dict() for s in self.schedulers]}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.adamw.load_state_dict(state["adamw"])
+        self.sgd.load_state_dict(state["sgd"])
+        for scheduler, saved in zip(self.schedulers, state["schedulers"], strict=True):
+            scheduler.load_state_dict(saved)
 
     def negative_log_likelihood(self, batch: dict) -> torch.Tensor:
         """Batch-mean NLL with one draw of every A from the guide (flipout as configured)."""

@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 from typing import Callable, Optional
 
+import pyro
 import torch
 from pyro.optim import PyroLRScheduler
 
@@ -53,7 +54,10 @@ class ClippedScheduledOptim(PyroLRScheduler):
         super().__init__(scheduler_constructor, optim_args)
 
     def __call__(self, params, *args, **kwargs) -> None:
-        params = [p for p in params if p.grad is not None]
+        # SVI passes a set (ordered by tensor id, which differs between processes); the global norm sums
+        # in list order, so sort by parameter name for results that repeat bitwise across processes.
+        store = pyro.get_param_store()
+        params = sorted((p for p in params if p.grad is not None), key=store.param_name)
         if params:
             limit = float("inf") if self.max_grad_norm is None else self.max_grad_norm * self.loss_scale
             norm = float(torch.nn.utils.clip_grad_norm_(params, limit))

@@ -280,7 +280,7 @@ def _load(model_class, spec: str, *, cache_dir: Path | None, **model_kwargs):
 
 
 def load_causal_lm(
-    spec: str, *, dtype: torch.dtype = torch.float32, cache_dir: Path | None = None
+    spec: str, *, dtype: torch.dtype = torch.float32, cache_dir: Path | None = None, **from_pretrained_options
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """A pretrained causal LM and its tokenizer (pad token set, ``padding_side="left"``).
 
@@ -288,6 +288,7 @@ def load_causal_lm(
         spec: :data:`SMOLLM2`, a local ``save_pretrained`` directory or a hub id.
         dtype: dtype of the returned weights.
         cache_dir: where the converted SmolLM2 lives (default :func:`default_cache_dir`).
+        from_pretrained_options: passed on to ``from_pretrained`` (e.g. ``quantization_config``, ``device_map``).
 
     Returns:
         ``(model, tokenizer)``; the model is in eval mode, ``requires_grad`` left as loaded.
@@ -297,12 +298,13 @@ def load_causal_lm(
             f"{MINILM!r} is an encoder (BERT), not a causal LM; load it with load_sequence_classifier, "
             f"or use {SMOLLM2!r} for a causal LM."
         )
-    model, tokenizer = _load(AutoModelForCausalLM, spec, cache_dir=cache_dir, dtype=dtype)
+    model, tokenizer = _load(AutoModelForCausalLM, spec, cache_dir=cache_dir, dtype=dtype, **from_pretrained_options)
     return _finish(model, _prepare_tokenizer(tokenizer, padding_side="left"))
 
 
 def load_sequence_classifier(
-    spec: str, *, num_labels: int, dtype: torch.dtype = torch.float32, cache_dir: Path | None = None
+    spec: str, *, num_labels: int, dtype: torch.dtype = torch.float32, cache_dir: Path | None = None,
+    **from_pretrained_options,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """A pretrained encoder (or decoder) with a new ``num_labels``-way classification head.
 
@@ -311,6 +313,7 @@ def load_sequence_classifier(
         num_labels: number of classes K; the head is freshly initialised.
         dtype: dtype of the returned weights.
         cache_dir: where the converted SmolLM2 lives (only used for :data:`SMOLLM2`).
+        from_pretrained_options: passed on to ``from_pretrained`` (e.g. ``quantization_config``, ``device_map``).
 
     Returns:
         ``(model, tokenizer)``; the model is in eval mode, the tokenizer pads on the right (decoder
@@ -319,6 +322,7 @@ def load_sequence_classifier(
     if not isinstance(num_labels, int) or num_labels < 1:
         raise ValueError(f"num_labels must be a positive integer; got {num_labels!r}.")
     model, tokenizer = _load(
-        AutoModelForSequenceClassification, spec, cache_dir=cache_dir, num_labels=num_labels, dtype=dtype
+        AutoModelForSequenceClassification, spec, cache_dir=cache_dir, num_labels=num_labels, dtype=dtype,
+        **from_pretrained_options,
     )
     return _finish(model, _prepare_tokenizer(tokenizer, padding_side="right"))

@@ -7,12 +7,16 @@ lists every option.
 Output directory: ``config.json``, ``split.json``, ``adapter.safetensors``, ``guide.safetensors``,
 ``metrics.json`` (one entry per prediction mode: ``zero_shot``, ``mean``, ``samples_N``; with ``--eval-tasks``
 also ``"ood": {task: {"mean": ..., "samples_N": ...}}``), ``run.json`` (timings, versions), ``train_log.jsonl``.
+While training: ``checkpoint.safetensors`` (every ``--checkpoint-every`` steps, at the end of training and on
+SIGTERM/SIGINT; removed once ``metrics.json`` is written), which ``--resume`` continues from (:mod:`blob_pyro.resume`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
+import os
 import platform
 import sys
 import time
@@ -31,10 +35,17 @@ from blob_pyro.assembly import (
 from blob_pyro.checkpoint import save_adapter_and_guide
 from blob_pyro.config import TrainConfig
 from blob_pyro.data import answer_token_ids, task_spec_name
+from blob_pyro.interrupt import Interrupted, stop_on_signals
+from blob_pyro.resume import (
+    check_optimiser_state_restored, checkpoint_path, continue_train_log, open_for_resume, restore_training_state, save_checkpoint,
+)
 from blob_pyro.evaluation.metrics import classification_metrics
 from blob_pyro.evaluation.predictive import posterior_mean_probs
 from blob_pyro.evaluation.report import evaluate_modes, results_table
 from blob_pyro.models import AnswerTokenHead, ChoiceLikelihoodHead
+from blob_pyro.peft_adapter import (
+    check_adapter_config, check_adapter_modules, init_lora_B_from_peft, peft_init_loc_fn, read_peft_adapter,
+)
 
 __all__ = ["main", "train"]
 
@@ -63,17 +74,19 @@ def versions() -> dict:
 
 def train(cfg: TrainConfig) -> dict:
     """Run one configuration end to end; returns ``metrics`` (also written to ``metrics.json``)."""
+    peft_adapter = read_initial_adapter(cfg)  # before any file is written: a bad adapter fails fast
     if cfg.method != "svi":  # baselines that are not one SVI run (blob_pyro.baselines)
         from blob_pyro.baselines import run_method
 
         prepare_output_dir(cfg)
         return run_method(cfg)
     out = prepare_output_dir(cfg)
-    cfg.save(out / "config.json")
+    device = resolve_device(cfg.device)
+    checkpoint = open_for_resume(cfg, out, device.type)  # --resume: read and check it before writing anything
+    dataclasses.replace(cfg, resume=False).save(out / "config.json")
     pyro.clear_param_store()  # the global param store must not leak tensors between runs
     pyro.set_rng_seed(cfg.seed)
     pyro.enable_validation(False)  # ~15% faster steps; the unit tests run with validation on
-    device = resolve_device(cfg.device)
     wall_start = time.perf_counter()
 
     # Task, split, tokens (tokenized once)
@@ -90,27 +103,45 @@ def train(cfg: TrainConfig) -> dict:
 
     # Model, prior, guide, objective
     model = build_model(cfg, network, data)
-    guide = build_guide(cfg, model).to(device)
+    if peft_adapter is not None:
+        check_adapter_modules(peft_adapter, model, target_modules=cfg.target_modules)
+    guide = build_guide(cfg, model, init_loc_fn=peft_init_loc_fn(peft_adapter) if peft_adapter else None).to(device)
     objective = build_objective(cfg, model, guide, num_data=len(data.train))
     log(f"adapted {len(model.adapters)} layers; trainable: "
         f"{sum(p.numel() for p in model.parameters() if p.requires_grad) + sum(p.numel() for p in guide.parameters()):,} numbers")
 
     metrics = {}
     model.eval()
-    if cfg.zero_shot:  # B = 0 at initialisation, so the adapted model is exactly the base model
+    if checkpoint is not None:
+        metrics = dict(checkpoint.state["metrics"])  # evaluated before the interruption
+    elif cfg.zero_shot:  # B = 0 at initialisation, so the adapted model is exactly the base model
         zero_shot_start = time.perf_counter()
         metrics["zero_shot"] = classification_metrics(posterior_mean_probs(model, guide, val_batches).numpy(), labels.numpy())
         log(f"zero-shot evaluation: {len(labels)} examples in {time.perf_counter() - zero_shot_start:.1f} s "
             f"({len(labels) / (time.perf_counter() - zero_shot_start):.1f} examples/s)")
         log(f"zero-shot: acc {100 * metrics['zero_shot']['acc']:.2f}%  ECE {metrics['zero_shot']['ece']:.2f}%  NLL {metrics['zero_shot']['nll']:.3f}")
 
-    # Training
+    if peft_adapter is not None:  # after the zero-shot pass: with B = 0 the model is the base model whatever M is
+        init_lora_B_from_peft(model, peft_adapter)
+        log(f"initialised M and B of {len(peft_adapter.module_paths)} layers from the PEFT adapter {cfg.init_from_peft}")
+
+    # Training (resumable: parameters, optimisers, RNG and data position come from the checkpoint)
     model.train()
-    stream = training_batches(data, batch_size=cfg.batch_size, seed=cfg.seed, device=device)
+    start_step, position, resumed_at, earlier_train_seconds = 0, (0, 0), [], 0.0
+    if checkpoint is not None:
+        position = restore_training_state(checkpoint, model=model, guide=guide, objective=objective, device=device,
+                                          stream_batches_per_epoch=math.ceil(len(data.train) / cfg.batch_size))
+        start_step, earlier_train_seconds = checkpoint.step, checkpoint.state["train_seconds"]
+        resumed_at = [*checkpoint.state["resumed_at"], start_step]
+        log(f"resuming from {checkpoint.path} at step {start_step} of {cfg.max_steps}")
+    stream = training_batches(data, batch_size=cfg.batch_size, seed=cfg.seed, device=device, position=position)
     train_start = time.perf_counter()
-    with open(out / "train_log.jsonl", "w") as log_file, tqdm(total=cfg.max_steps, desc="train", file=sys.stderr) as bar:
-        for step in range(cfg.max_steps):
+    with continue_train_log(out / "train_log.jsonl", checkpoint, log) as log_file, stop_on_signals() as stop, \
+            tqdm(total=cfg.max_steps, initial=start_step, desc="train", file=sys.stderr) as bar:
+        for step in range(start_step, cfg.max_steps):
             stats = objective.step(next(stream), step)
+            if checkpoint is not None and step == start_step:
+                check_optimiser_state_restored(checkpoint)
             if not math.isfinite(stats["loss"]):
                 raise FloatingPointError(f"loss is {stats['loss']} at step {step}; lower --lr. Config and split are saved in {out}")
             bar.update(1)
@@ -118,7 +149,20 @@ def train(cfg: TrainConfig) -> dict:
             if step % cfg.log_every == 0 or step == cfg.max_steps - 1:
                 log_file.write(json.dumps({"step": step, **stats}) + "\n")
                 log_file.flush()
-    train_seconds = time.perf_counter() - train_start
+            done = step + 1
+            if stop.signum is not None or done == cfg.max_steps or (cfg.checkpoint_every and done % cfg.checkpoint_every == 0):
+                log_file.flush()
+                path = save_checkpoint(
+                    out, cfg=cfg, step=done, model=model, guide=guide, objective=objective, stream=stream, metrics=metrics,
+                    train_log_bytes=os.fstat(log_file.fileno()).st_size, device_type=device.type, resumed_at=resumed_at,
+                    train_seconds=earlier_train_seconds + time.perf_counter() - train_start,
+                )
+            if stop.signum is not None:
+                message = (f"{stop.name} received: stopped after step {done} of {cfg.max_steps}; checkpoint written to "
+                           f"{path}. Continue with the same command plus --resume (--output-dir {out} --resume)")
+                log(message)
+                raise Interrupted(stop.signum, message)
+    train_seconds = earlier_train_seconds + time.perf_counter() - train_start
     log(f"trained {cfg.max_steps} steps in {train_seconds:.0f} s ({cfg.max_steps * cfg.batch_size / train_seconds:.2f} examples/s)")
     save_adapter_and_guide(out, model, guide)
 
@@ -147,13 +191,24 @@ def train(cfg: TrainConfig) -> dict:
                              "positions": s["positions"]} for name, s in ood_sets.items()},
         "train_examples_per_second": cfg.max_steps * cfg.batch_size / train_seconds,
         "device": str(device), "versions": versions(), "num_train": len(data.train), "num_validation": len(labels),
+        "resumed_at_steps": resumed_at,
     }
     (out / "run.json").write_text(json.dumps(run_info, indent=2) + "\n")
+    checkpoint_path(out).unlink(missing_ok=True)  # finished: metrics.json marks it, the checkpoint is spent
     in_task = {mode: m for mode, m in metrics.items() if mode != "ood"}
     print(results_table(in_task, title=f"\n{task.name} validation, guide {cfg.guide}, {cfg.max_steps} steps ({out})"))
     for name, block in metrics.get("ood", {}).items():
         print(results_table(block, title=f"\nOOD {name} (trained on {task.name}, not on {name})"))
     return metrics
+
+
+def read_initial_adapter(cfg: TrainConfig):
+    """The ``--init-from-peft`` adapter checked against ``--rank`` / ``--alpha`` (None without the flag)."""
+    if cfg.init_from_peft is None:
+        return None
+    adapter = read_peft_adapter(cfg.init_from_peft)
+    check_adapter_config(adapter, rank=cfg.rank, alpha=cfg.alpha)
+    return adapter
 
 
 def prepare_ood_tasks(cfg: TrainConfig, data, tokenizer, device) -> dict:

@@ -167,12 +167,35 @@ class BayesianLoRALinear(PyroModule):
         A = self.active_A if self.active_A is not None else self.lora_A
         B = self.active_B if self.active_B is not None else self.lora_B
         h = self._modules["lora_dropout"](x.to(B.dtype))
+        if A.dim() == 3:  # S draws stacked along the batch axis (evaluation only)
+            return result + self._stacked_draws_update(h, A, B).to(result.dtype)
         if self.flipout is None:
             low = h @ A.transpose(-1, -2)
         else:
             low = self._flipout_low_rank(h, A)
         update = (low @ B.transpose(-1, -2)) * self.scaling
         return result + update.to(result.dtype)
+
+    def _stacked_draws_update(self, h: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+        """The LoRA update for S posterior draws in one pass: rows ``[s * b, (s + 1) * b)`` of the input
+        use draw s (the layout of :func:`blob_pyro.evaluation.predictive.sample_probs` with
+        ``draws_per_pass > 1``).
+
+        Shapes: ``h (S * b, ..., in)``, A ``(S, rank, in)``, B ``(out, rank)`` or ``(S, out, rank)``
+        (a random B, the mean-field family) -> ``(S * b, ..., out)``.
+        """
+        S = A.shape[0]
+        if self.flipout is not None:
+            raise ValueError(f"{self.site_name}: stacked posterior draws are for prediction; flipout is a training option")
+        if h.shape[0] % S:
+            raise ValueError(
+                f"{self.site_name}: {S} stacked draws of A need an input whose batch axis is a multiple of {S} "
+                f"(the batch repeated once per draw), got {h.shape[0]} rows"
+            )
+        grouped = h.reshape(S, -1, h.shape[-1])                                  # (S, b * ..., in)
+        low = grouped @ A.transpose(-1, -2)                                       # (S, b * ..., rank)
+        update = (low @ B.transpose(-1, -2)) * self.scaling                      # (S, b * ..., out)
+        return update.reshape(*h.shape[:-1], update.shape[-1])
 
     def _flipout_low_rank(self, h: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
         """Flipout (Wen et al. 2018) on the A factor, as in the official BLoB code (BLOB.md section 2).

@@ -291,7 +291,7 @@ def test_compare_runs_base_methods_first_and_points_baselines_at_them(tmp_path, 
 
     assert compare.run_order(["tfb", "blob", "laplace", "mle", "map"]) == ["mle", "map", "tfb", "blob", "laplace"]
     calls = []
-    monkeypatch.setattr(compare.subprocess, "run", lambda argv, check: calls.append(argv))
+    monkeypatch.setattr(compare, "run_training", calls.append)  # the argv after python -m blob_pyro.train
     compare.run_one(tmp_path, "tfb", 3, ["--max-steps", "5"], methods=["mle", "tfb"])
     compare.run_one(tmp_path, "laplace", 3, [], methods=["mle", "laplace"])  # no map run listed: trains its own
     assert calls[0][-2:] == ["--base-run", str(compare.run_dir(tmp_path, "mle", 3))]

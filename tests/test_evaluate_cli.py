@@ -72,7 +72,8 @@ def _evaluate(run, out, *extra):
 def test_evaluate_writes_metrics_inference_data_uncertainty_and_plots(tiny_setup, blob_run, tmp_path):
     _, _, ood_task = tiny_setup
     out = tmp_path / "eval"
-    result = _evaluate(blob_run, out, "--eval-tasks", f"run,{ood_task}", "--eval-samples", "3", "--max-examples", "6")
+    result = _evaluate(blob_run, out, "--eval-tasks", f"run,{ood_task}", "--eval-samples", "3", "--max-examples", "6",
+                       "--loo-examples", "5")
 
     metrics = json.loads((out / "metrics.json").read_text())
     assert list(metrics) == ["tiny_id", "tiny_ood"]
@@ -98,15 +99,29 @@ def test_evaluate_writes_metrics_inference_data_uncertainty_and_plots(tiny_setup
     assert len(idata.posterior.data_vars) == 5  # q_proj and v_proj of 2 blocks + lm_head: all sites by default
     assert idata.attrs["guide"] == "blob" and idata.attrs["role"] == "in_distribution"
     assert json.loads(idata.attrs["versions"])["pyro"]
-    ll = idata.log_likelihood["y"].values[0]  # (S, n): NLL of the averaged predictive = -mean log mean_s exp(ll)
+    ll = idata.posterior_predictive["held_out_log_likelihood"].values[0]  # (S, n): NLL = -mean_i log mean_s exp(ll)
     assert -np.mean(np.log(np.mean(np.exp(ll), axis=0))) == pytest.approx(metrics["tiny_id"]["samples_3"]["nll"], rel=1e-5)
+    # held-out lpd, reported as such: -n * NLL of the averaged predictive
+    for name, block in metrics.items():
+        assert block["held_out_lpd"] == pytest.approx(-block["n_examples"] * block["samples_3"]["nll"], rel=1e-5)
+    assert idata.attrs["held_out_lpd"] == pytest.approx(metrics["tiny_id"]["held_out_lpd"], rel=1e-6)
+    # log_likelihood: 5 of the 12 TRAINING examples (seeded), the same in every task's file; az.loo reads it
+    train_ids = list(idata.log_likelihood["train_example"].values)
+    assert len(train_ids) == 5 and set(train_ids) <= set(split["train"]) and len(set(train_ids)) == 5
+    assert idata.log_likelihood["y_train"].shape == (1, 3, 5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # 3 draws: Pareto k warnings
+        import arviz as az
+
+        assert az.loo(idata).n_data_points == 5
     np.testing.assert_array_equal(idata.observed_data["y"].values,
                                   [r["label"] for r in json.loads((out / "per_example_tiny_id.json").read_text())])
     ood_idata = load_inference_data(out / "inference_data_tiny_ood.nc")
     assert list(ood_idata.posterior_predictive["class"].values) == ["A", "B"]
-    # both tasks see the same posterior draws of A
+    # both tasks see the same posterior draws of A, hence the same training log-likelihoods
     site = "lm_head.lora_A"
     np.testing.assert_array_equal(ood_idata.posterior[site].values, idata.posterior[site].values)
+    np.testing.assert_array_equal(ood_idata.log_likelihood["y_train"].values, idata.log_likelihood["y_train"].values)
 
     summary = json.loads((out / "uncertainty.json").read_text())
     assert summary["in_distribution"] == "tiny_id" and summary["num_draws"] == 3
@@ -179,7 +194,24 @@ def test_point_estimate_run_has_one_draw_and_no_posterior_std(tiny_setup, tmp_pa
     assert summary["ood_detection"]["tiny_ood"]["mutual_information"]["auroc"] == 0.5
     assert not (out / "plots" / "posterior_std.png").exists()
     assert "weight_space_spread" not in summary
-    assert load_inference_data(out / "inference_data_tiny_id.nc").posterior_predictive["probs"].shape[1] == 1
+    idata = load_inference_data(out / "inference_data_tiny_id.nc")
+    assert idata.posterior_predictive["probs"].shape[1] == 1
+    # log_likelihood (--loo-examples 200 > 12: every training example) = log of the point estimate's
+    # probability of the gold label, computed here independently from the reloaded run
+    from blob_pyro.assembly import batches
+    from blob_pyro.baselines.common import load_run
+    from blob_pyro.evaluation.predictive import posterior_mean_probs
+
+    loaded = load_run(run)
+    train_batches = batches(loaded.data, loaded.data.train, batch_size=8, device=loaded.device)
+    probs = posterior_mean_probs(loaded.model, loaded.guide, train_batches).numpy()
+    task, positions = loaded.data.task, loaded.data.split.train
+    file_ids = [int(task.file_indices[p]) if task.file_indices else int(p) for p in positions]
+    expected = dict(zip(file_ids, np.log(probs[np.arange(len(positions)), loaded.data.train.labels.numpy()])))
+    ll = idata.log_likelihood["y_train"]
+    assert len(ll["train_example"]) == 12
+    for file_id, value in zip(ll["train_example"].values, ll.values[0, 0]):
+        assert value == pytest.approx(expected[int(file_id)], abs=1e-5)
 
 
 def test_checkpoint_that_does_not_match_the_config_fails_clearly(blob_run, tmp_path):
@@ -218,6 +250,7 @@ def test_refuses_to_overwrite_an_earlier_evaluation(blob_run, tmp_path):
         ([], "--run-dir is required"),
         (["--run-dir", "x", "--eval-samples", "0"], "--eval-samples must be a positive integer, got 0"),
         (["--run-dir", "x", "--max-examples", "-1"], "--max-examples must be >= 0"),
+        (["--run-dir", "x", "--loo-examples", "-1"], r"--loo-examples must be an integer >= 0 \(0: every training example\), got -1"),
         (["--run-dir", "x", "--eval-tasks", " , "], "--eval-tasks is empty"),
     ],
 )

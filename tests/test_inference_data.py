@@ -9,9 +9,10 @@ import torch
 from pyro import poutine
 
 from blob_pyro.evaluation.inference_data import (
-    RHAT_ESS_NOTE, build_inference_data, choose_posterior_sites, draw_predictive, guide_sample_sites,
+    RHAT_ESS_NOTE, build_inference_data, choose_posterior_sites, draw_predictive, guide_sample_sites, held_out_lpd,
     load_inference_data, save_inference_data,
 )
+from blob_pyro.evaluation.metrics import classification_metrics
 from blob_pyro.guides import make_guide
 
 from helpers import synthetic_batch, tiny_bayesian_llama
@@ -29,10 +30,24 @@ SAMPLED = np.array([[0, 1, 0], [0, 0, 1]])
 A_DRAWS = {"model.layers.0.q_proj.lora_A": np.arange(2 * 2 * 3, dtype=np.float32).reshape(2, 2, 3)}
 
 
+TRAIN_PROBS = np.array([  # (S=2, m=2, K=2): the same two draws on two training examples
+    [[0.2, 0.8], [0.6, 0.4]],
+    [[0.3, 0.7], [0.9, 0.1]],
+])
+TRAIN_LABELS = np.array([1, 0])
+
+
 def test_groups_dims_and_log_likelihood_by_hand():
     idata = build_inference_data(PROBS, LABELS, sampled_labels=SAMPLED, posterior=A_DRAWS, class_names=["A", "B"],
-                                 example_ids=[10, 11, 12], attrs={"model": "tiny", "versions": {"torch": "x"}, "skip": None})
+                                 example_ids=[10, 11, 12], train_probs=TRAIN_PROBS, train_labels=TRAIN_LABELS,
+                                 train_example_ids=[4, 7], attrs={"model": "tiny", "versions": {"torch": "x"}, "skip": None})
     assert set(idata.groups()) == {"posterior", "posterior_predictive", "log_likelihood", "observed_data"}
+    # log_likelihood: the TRAINING examples (what PSIS-LOO / WAIC condition on), by hand
+    train_ll = idata.log_likelihood["y_train"]
+    assert train_ll.dims == ("chain", "draw", "train_example") and list(train_ll["train_example"].values) == [4, 7]
+    np.testing.assert_allclose(train_ll.values[0], np.log([[0.8, 0.6], [0.7, 0.9]]))
+    np.testing.assert_array_equal(idata.observed_data["y_train"].values, TRAIN_LABELS)
+    assert list(idata.log_likelihood.data_vars) == ["y_train"]
     probs = idata.posterior_predictive["probs"]
     assert probs.dims == ("chain", "draw", "example", "class")
     assert probs.shape == (1, 2, 3, 2)
@@ -40,9 +55,11 @@ def test_groups_dims_and_log_likelihood_by_hand():
     assert list(idata.observed_data["example"].values) == [10, 11, 12]
     np.testing.assert_array_equal(idata.observed_data["y"].values, LABELS)
     np.testing.assert_array_equal(idata.posterior_predictive["y"].values[0], SAMPLED)
-    # log p(y_i | draw s), by hand
+    # held out: log p(y_i | draw s) in posterior_predictive, and lpd = sum_i log mean_s p(y_i | draw s), by hand
     expected = np.log([[0.9, 0.8, 0.5], [0.7, 0.6, 0.5]])
-    np.testing.assert_allclose(idata.log_likelihood["y"].values[0], expected)
+    np.testing.assert_allclose(idata.posterior_predictive["held_out_log_likelihood"].values[0], expected)
+    assert idata.attrs["held_out_lpd"] == pytest.approx(np.log(0.8) + np.log(0.7) + np.log(0.5))
+    assert idata.attrs["held_out_n"] == 3
     a = idata.posterior["model.layers.0.q_proj.lora_A"]
     assert a.dims == ("chain", "draw", "lora_rank", "in_features_3")
     np.testing.assert_array_equal(a.values[0], A_DRAWS["model.layers.0.q_proj.lora_A"])
@@ -55,23 +72,43 @@ def test_groups_dims_and_log_likelihood_by_hand():
     assert "meaningless" in RHAT_ESS_NOTE
 
 
-def test_no_posterior_group_without_draws_of_A():
+def test_no_posterior_or_log_likelihood_group_without_draws_of_A_or_training_examples():
     idata = build_inference_data(PROBS, LABELS)
     assert "posterior" not in idata.groups()
+    assert "log_likelihood" not in idata.groups()  # held-out points never stand in for LOO's data
     assert "y" not in idata.posterior_predictive  # no sampled labels given
+    assert idata.attrs["log_likelihood_data"] == "none"
 
 
-def test_log_likelihood_floors_zero_probabilities():
+def test_log_likelihoods_floor_zero_probabilities():
     probs = np.array([[[1.0, 0.0]]])
-    idata = build_inference_data(probs, np.array([1]))
-    assert idata.log_likelihood["y"].values.item() == pytest.approx(np.log(1e-12))
+    idata = build_inference_data(probs, np.array([1]), train_probs=probs, train_labels=np.array([1]))
+    assert idata.log_likelihood["y_train"].values.item() == pytest.approx(np.log(1e-12))
+    assert idata.posterior_predictive["held_out_log_likelihood"].values.item() == pytest.approx(np.log(1e-12))
+
+
+def test_held_out_lpd_is_minus_n_times_the_nll_of_the_averaged_predictive():
+    rng = np.random.default_rng(1)
+    probs = rng.dirichlet(np.ones(4), size=(7, 30))
+    probs[:, 0] = [1.0, 0.0, 0.0, 0.0]  # an example every draw gets wrong: the eps floor must agree too
+    labels = rng.integers(0, 4, size=30)
+    labels[0] = 3
+    nll = classification_metrics(probs.mean(0), labels)["nll"]
+    assert held_out_lpd(probs, labels) == pytest.approx(-30 * nll, rel=1e-12)
+    assert build_inference_data(probs, labels).attrs["held_out_lpd"] == pytest.approx(-30 * nll, rel=1e-12)
+    # not the mean over draws of the log-likelihood (what a pointwise log_likelihood group would sum to)
+    per_draw = np.log(np.maximum(probs[:, np.arange(30), labels], 1e-12)).mean(0).sum()
+    assert held_out_lpd(probs, labels) > per_draw
 
 
 @pytest.mark.parametrize(
     "probs, labels, kwargs, match",
     [
         (PROBS[0], LABELS, {}, r"probs must have shape \(S, n, K\); got shape \(3, 2\)"),
-        (PROBS, LABELS[:2], {}, r"labels must have shape \(3,\) to match probs"),
+        (PROBS, LABELS[:2], {}, r"labels must have shape \(3,\) to match the probabilities"),
+        (PROBS, LABELS, {"train_probs": TRAIN_PROBS[:1], "train_labels": TRAIN_LABELS}, r"train_probs must have shape \(2, m, K_train\)"),
+        (PROBS, LABELS, {"train_probs": TRAIN_PROBS, "train_labels": LABELS}, r"train_labels must have shape \(2,\)"),
+        (PROBS, LABELS, {"train_labels": TRAIN_LABELS}, r"train_labels given without train_probs"),
         (PROBS, np.array([0, 2, 1]), {}, r"labels must lie in \[0, 2\); found values in \[0, 2\]"),
         (PROBS, LABELS, {"sampled_labels": SAMPLED[:1]}, r"sampled_labels must have shape \(2, 3\)"),
         (PROBS, LABELS, {"class_names": ["A"]}, r"class_names has 1 entries for 2 classes"),
@@ -91,6 +128,7 @@ def test_netcdf_round_trip_reopens_with_arviz(tmp_path):
     labels = rng.integers(0, 3, size=12)
     idata = build_inference_data(probs, labels, sampled_labels=rng.integers(0, 3, size=(40, 12)),
                                  posterior={"lm_head.lora_A": rng.normal(size=(40, 2, 4)).astype(np.float32)},
+                                 train_probs=rng.dirichlet(np.ones(3), size=(40, 20)), train_labels=rng.integers(0, 3, size=20),
                                  class_names=["A", "B", "C"], attrs={"task": "t", "seed": 3})
     path = save_inference_data(idata, tmp_path / "sub" / "idata.nc")
     assert path.exists() and not path.with_suffix(".nc.tmp").exists()
@@ -108,7 +146,8 @@ def test_netcdf_round_trip_reopens_with_arviz(tmp_path):
         warnings.simplefilter("ignore")
         loo = az.loo(again)
         waic = az.waic(again)
-    ll = idata.log_likelihood["y"].values[0]  # (S, n)
+    ll = idata.log_likelihood["y_train"].values[0]  # (S, m): training examples
+    assert loo.n_data_points == 20 and waic.n_data_points == 20
     lppd = np.sum(np.log(np.mean(np.exp(ll), axis=0)))
     p_waic = np.sum(np.var(ll, axis=0))  # arviz uses the ddof = 0 variance
     assert waic.elpd_waic == pytest.approx(lppd - p_waic, rel=1e-6)

@@ -266,3 +266,22 @@ def test_smollm2_says_paris():
     with torch.no_grad():
         out = model.generate(**batch, max_new_tokens=3, do_sample=False)
     assert tokenizer.decode(out[0, batch["input_ids"].shape[1] :]).startswith(" Paris")
+
+
+def test_a_runs_random_classifier_head_is_rebuilt_identically(tiny_dir):
+    """Sequence classification: the new head is random; evaluate and post-hoc baselines reload the run's
+    network later, from another RNG state, and must get the head the run was trained with."""
+    from blob_pyro.assembly import load_network
+    from blob_pyro.config import TrainConfig
+
+    cfg = TrainConfig(model=str(tiny_dir), task_type="sequence_classification", target_modules="q_proj,score", seed=3)
+    first, _ = load_network(cfg, 3, dtype=torch.float32)
+    torch.rand(1000)  # the caller's RNG state differs the second time
+    second, _ = load_network(cfg, 3, dtype=torch.float32)
+    other, _ = load_network(TrainConfig(**{**cfg.to_dict(), "seed": 4}), 3, dtype=torch.float32)
+    heads = [dict(net.named_parameters()) for net in (first, second, other)]
+    names = [n for n in heads[0] if n.startswith(("score", "classifier"))]  # the new head (Llama: score)
+    assert names
+    for name in names:
+        torch.testing.assert_close(heads[0][name], heads[1][name], rtol=0, atol=0)
+    assert not torch.equal(heads[0][names[0]], heads[2][names[0]])

@@ -83,13 +83,14 @@ class LoadedRun:
         return batches(self.data, self.data.validation, batch_size=batch_size or self.cfg.eval_batch_size, device=self.device)
 
 
-def load_run(run_dir, *, network=None, tokenizer=None) -> LoadedRun:
+def load_run(run_dir, *, network=None, tokenizer=None, device: Optional[str] = None) -> LoadedRun:
     """Rebuild model, guide and tokenized data of the run in ``run_dir`` and restore its parameters.
 
     :param network, tokenizer: a fresh (never adapted) pretrained network and its tokenizer, to skip
         loading them again (a sequence classifier's must have been loaded right after
         ``pyro.set_rng_seed(run seed)``, or its frozen random head differs from the run's); default: loaded
         from the run's config.
+    :param device: where to rebuild it (default: the run's ``--device``).
     """
     from blob_pyro.assembly import (
         build_guide, build_model, load_network, load_task, make_split, prepare_data, resolve_device, resolve_dtype,
@@ -102,7 +103,7 @@ def load_run(run_dir, *, network=None, tokenizer=None) -> LoadedRun:
     # A sequence classifier's new head is drawn at load time and frozen, and not saved with the adapters:
     # seeding as train does (same calls in the same order) draws the same head again.
     pyro.set_rng_seed(cfg.seed)
-    device = resolve_device(cfg.device)
+    device = resolve_device(device or cfg.device)
     task = load_task(cfg)
     split = make_split(cfg, task)
     if network is None:
@@ -157,7 +158,8 @@ def check_base_run(cfg: TrainConfig, base_dir, **overrides) -> Path:
 
 def train_base_run(cfg: TrainConfig, subdir: str, **overrides) -> Path:
     """Train (or reuse, if it already has ``metrics.json``) the SVI run a baseline builds on, in
-    ``<output_dir>/<subdir>`` with ``overrides`` applied to ``cfg``. Returns its directory.
+    ``<output_dir>/<subdir>`` with ``overrides`` applied to ``cfg``. Returns its directory. With
+    ``cfg.resume`` a sub-run that left a checkpoint (e.g. an interrupted ensemble member) continues from it.
 
     With ``cfg.base_run`` set, the ``base`` / ``member_0`` run is that directory instead (checked by
     :func:`check_base_run`): the post-hoc baselines then cost no training."""
@@ -167,9 +169,12 @@ def train_base_run(cfg: TrainConfig, subdir: str, **overrides) -> Path:
 
     if cfg.base_run and subdir in REUSABLE_SUBDIRS:
         return check_base_run(cfg, cfg.base_run, **{k: v for k, v in overrides.items() if k != "seed"})
+    from blob_pyro.resume import checkpoint_path
+
     run_dir = Path(cfg.output_dir) / subdir
     if not (run_dir / "metrics.json").exists():
-        train(replace(cfg, method="svi", output_dir=str(run_dir), overwrite=True, **overrides))
+        resume = cfg.resume and checkpoint_path(run_dir).exists()
+        train(replace(cfg, method="svi", output_dir=str(run_dir), overwrite=True, resume=resume, **overrides))
     return run_dir
 
 

@@ -177,12 +177,12 @@ def test_temperature_scales_the_base_runs_logits_and_refuses_a_run_without_calib
 
 # --- compare --------------------------------------------------------------------------------------------
 
-def test_compare_wires_temperature_to_the_mle_run_of_the_same_seed(tmp_path, monkeypatch):
+def test_compare_wires_temperature_to_the_mle_run_of_the_same_seed(tmp_path, monkeypatch, capsys):
     from blob_pyro import compare
 
     assert compare.run_order(["temperature", "blob", "mle"]) == ["mle", "temperature", "blob"]
     calls = []
-    monkeypatch.setattr(compare.subprocess, "run", lambda argv, check: calls.append(argv))
+    monkeypatch.setattr(compare, "run_training", calls.append)  # the argv after python -m blob_pyro.train
     compare.run_one(tmp_path, "temperature", 3, ["--num-calibration", "8"], methods=["mle", "temperature"])
     assert calls[0][-2:] == ["--base-run", str(compare.run_dir(tmp_path, "mle", 3))]
     argv = calls[0]
@@ -190,9 +190,10 @@ def test_compare_wires_temperature_to_the_mle_run_of_the_same_seed(tmp_path, mon
     assert argv[argv.index("--seed") + 1] == "3" and argv[argv.index("--num-calibration") + 1] == "8"
     compare.run_one(tmp_path, "temperature", 3, ["--num-calibration", "8"], methods=["temperature"])
     assert "--base-run" not in calls[1]  # no mle run listed: the method trains its own base
-    monkeypatch.setattr(compare.subprocess, "run", lambda *a, **k: pytest.fail("compare started a run"))
+    monkeypatch.setattr(compare, "run_training", lambda *a, **k: pytest.fail("compare started a run"))
     with pytest.raises(SystemExit):  # no calibration split: refused before any run starts
         compare.main(["--methods", "mle,temperature", "--output-dir", str(tmp_path / "new")])
+    assert "pass --num-calibration K" in capsys.readouterr().err
     assert not (tmp_path / "new" / "mle").exists()
 
 

@@ -1,0 +1,177 @@
+"""How calibration evolves with training length: ``python -m blob_pyro.sweep --epochs 1,4,12,31 --methods
+mle,map,blob,blob_official --seeds 1,2 --output-dir results/x [any python -m blob_pyro.train flag]``.
+
+For every number of epochs E, one :mod:`blob_pyro.compare` of the methods x seeds in
+``<output-dir>/epochs_<E>`` with ``--max-steps E * ceil(n_train / batch_size)`` (n_train from ``--split-file``
+when given, else ``--num-train``). Every flag after the sweep options goes to every run. Finished runs are
+reused and unfinished ones resumed (compare's rules), so rerunning the same command continues a stopped
+sweep; several sweeps with disjoint ``--methods`` or ``--seeds`` may run side by side on one output folder.
+
+Outputs in ``<output-dir>``: ``sweep.csv`` / ``sweep.md`` (one row per method, prediction mode and E: mean and
+std over the finished seeds of ACC %, ECE % (15 bins), NLL, Brier) and ``sweep.png``: ACC, ECE and NLL
+against epochs, one line per method (dashed: a sampling method's posterior-mean pass, N = 0), the band
+spanning the seeds' min to max.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import shlex
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+from blob_pyro import compare
+from blob_pyro.config import TrainConfig
+
+__all__ = ["main", "steps_for_epochs", "training_set_size", "collect", "plot_sweep"]
+
+PANELS = [("acc", "ACC %"), ("ece", "ECE % (15 bins)"), ("nll", "NLL")]
+
+
+def training_set_size(cfg: TrainConfig) -> int:
+    """Training examples per epoch: the ``train`` list of ``--split-file`` when given, else ``--num-train``."""
+    if cfg.split_file:
+        try:
+            return len(json.loads(Path(cfg.split_file).read_text())["train"])
+        except (OSError, ValueError, KeyError) as err:
+            raise SystemExit(f"[sweep] cannot read the 'train' list of --split-file {cfg.split_file}: {err}") from None
+    return cfg.num_train
+
+
+def steps_for_epochs(epochs: float, *, num_train: int, batch_size: int) -> int:
+    """Optimiser steps of ``epochs`` passes over ``num_train`` examples at ``batch_size`` (last batch partial)."""
+    if not epochs > 0:
+        raise ValueError(f"epochs must be positive, got {epochs}")
+    return max(1, round(epochs * math.ceil(num_train / batch_size)))
+
+
+def _epoch_dir(output_dir: Path, epochs: float) -> Path:
+    return Path(output_dir) / f"epochs_{epochs:g}"
+
+
+def collect(output_dir: Path, epochs: Sequence[float], methods: Sequence[str], seeds: Sequence[int]) -> list[dict]:
+    """Rows of :func:`blob_pyro.compare.summarise` for every E with finished runs, each with an ``epochs`` key
+    and the per-seed values (``<metric>_values``) for the bands."""
+    rows = []
+    for e in epochs:
+        folder = _epoch_dir(output_dir, e)
+        finished = [m for m in methods if compare.finished_seeds(folder, m, seeds)]
+        if not finished:
+            continue
+        for row in compare.summarise(folder, finished, seeds, finished_only=True):
+            row = {"epochs": e, **row}
+            method = row["method"].removesuffix(" (N = 0)")
+            if method in finished:
+                per_seed = []
+                for seed in compare.finished_seeds(folder, method, seeds):
+                    metrics = json.loads((compare.run_dir(folder, method, seed) / "metrics.json").read_text())
+                    per_seed.append(metrics[row["mode"]])
+                for key, _, factor in compare.METRICS:
+                    row[f"{key}_values"] = [m[key] * factor for m in per_seed]
+            rows.append(row)
+    return rows
+
+
+def write_sweep_tables(output_dir: Path, rows: list[dict], *, header: str = "") -> str:
+    """``sweep.csv`` and ``sweep.md``; returns the Markdown."""
+    keys = [k for k in rows[0] if not k.endswith("_values")]
+    with open(Path(output_dir) / "sweep.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    lines = [header, ""] if header else []
+    lines += ["| epochs | method | mode | seeds | n | " + " | ".join(label for _, label, _ in compare.METRICS) + " |",
+              "|---|---|---|---|---|" + "---|" * len(compare.METRICS)]
+    for r in rows:
+        cells = [compare._fmt(r[f"{k}_mean"], r[f"{k}_std"], 2 if k in ("acc", "ece") else 3) for k, _, _ in compare.METRICS]
+        lines.append(f"| {r['epochs']:g} | {r['method']} | {r['mode']} | {r['seeds']} | {r['n']} | " + " | ".join(cells) + " |")
+    text = "\n".join(lines) + "\n"
+    (Path(output_dir) / "sweep.md").write_text(text)
+    return text
+
+
+def plot_sweep(output_dir: Path, rows: list[dict], *, title: str = "") -> Path:
+    """``sweep.png``: one panel per metric of :data:`PANELS` against epochs (log axis), one line per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(dict.fromkeys(r["method"] for r in rows if not r["method"].startswith("zero-shot")))
+    fig, axes = plt.subplots(1, len(PANELS), figsize=(4.2 * len(PANELS), 3.8))
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    base_names = list(dict.fromkeys(n.removesuffix(" (N = 0)") for n in names))
+    for ax, (key, label) in zip(axes, PANELS):
+        for name in names:
+            mine = sorted((r for r in rows if r["method"] == name), key=lambda r: r["epochs"])
+            x = [r["epochs"] for r in mine]
+            colour = colours[base_names.index(name.removesuffix(" (N = 0)")) % len(colours)]
+            style = "--" if name.endswith("(N = 0)") else "-"
+            ax.plot(x, [r[f"{key}_mean"] for r in mine], style, marker="o", ms=3, color=colour, label=name)
+            values = [r.get(f"{key}_values", []) for r in mine]
+            if any(len(v) > 1 for v in values):
+                ax.fill_between(x, [min(v) for v in values], [max(v) for v in values], color=colour, alpha=0.15, lw=0)
+        zero = [r for r in rows if r["method"].startswith("zero-shot")]
+        if zero:
+            ax.axhline(zero[0][f"{key}_mean"], color="gray", lw=1, ls=":", label="zero-shot")
+        ax.set(xscale="log", xlabel="epochs", ylabel=label)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7, loc="best")
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    out = Path(output_dir) / "sweep.png"
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def main(argv: Optional[Sequence[str]] = None) -> list[dict]:
+    parser = argparse.ArgumentParser(
+        prog="python -m blob_pyro.sweep", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+        allow_abbrev=False,
+    )
+    parser.add_argument("--epochs", required=True, help="comma-separated training lengths in epochs, e.g. 1,4,12,31")
+    parser.add_argument("--methods", required=True, help="comma-separated compare methods, e.g. mle,map,blob,blob_official")
+    parser.add_argument("--seeds", default="1", help="comma-separated seeds")
+    parser.add_argument("--output-dir", required=True, help="folder of the sweep (one epochs_<E> compare folder per E)")
+    parser.add_argument("--report-only", action="store_true", help="start no run: tables and figure from the finished runs")
+    args, train_args = parser.parse_known_args(argv)
+    try:
+        epochs = sorted({float(e) for e in args.epochs.split(",") if e.strip()})
+    except ValueError:
+        parser.error(f"--epochs must be comma-separated numbers, got {args.epochs!r}")
+    if not epochs or min(epochs) <= 0:
+        parser.error(f"--epochs must list positive numbers, got {args.epochs!r}")
+    if "--max-steps" in train_args:
+        parser.error("--max-steps is set by the sweep from --epochs; remove it")
+    cfg = TrainConfig.from_argv(train_args, prog="python -m blob_pyro.sweep")
+    num_train, methods = training_set_size(cfg), [m.strip() for m in args.methods.split(",") if m.strip()]
+    seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    output_dir = Path(args.output_dir)
+    for e in epochs:
+        steps = steps_for_epochs(e, num_train=num_train, batch_size=cfg.batch_size)
+        print(f"[sweep] {e:g} epochs = {steps} steps ({num_train} examples, batch {cfg.batch_size})", flush=True)
+        compare_argv = ["--methods", ",".join(methods), "--seeds", ",".join(map(str, seeds)),
+                        "--output-dir", str(_epoch_dir(output_dir, e)), *train_args, "--max-steps", str(steps)]
+        if args.report_only:
+            compare_argv.insert(0, "--report-only")
+        try:
+            compare.main(compare_argv)
+        except SystemExit as err:  # --report-only with nothing finished at this E yet
+            print(f"[sweep] {e:g} epochs: {err}")
+    rows = collect(output_dir, epochs, methods, seeds)
+    if not rows:
+        raise SystemExit(f"[sweep] no finished run under {output_dir}")
+    command = "python -m blob_pyro.sweep " + shlex.join(list(argv) if argv is not None else sys.argv[1:])
+    print(write_sweep_tables(output_dir, rows, header=f"Command: `{command}`"))
+    print(f"[sweep] wrote {plot_sweep(output_dir, rows, title=str(output_dir))}")
+    return rows
+
+
+if __name__ == "__main__":
+    main()

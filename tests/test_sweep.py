@@ -1,0 +1,68 @@
+"""``python -m blob_pyro.sweep``: epochs -> steps, one compare folder per length, resumable, table and figure."""
+
+import json
+
+import pytest
+
+from blob_pyro import compare, sweep
+
+
+def test_steps_for_epochs_counts_the_partial_last_batch():
+    assert sweep.steps_for_epochs(31, num_train=640, batch_size=4) == 4960  # the paper's WG-S regime
+    assert sweep.steps_for_epochs(1, num_train=576, batch_size=16) == 36
+    assert sweep.steps_for_epochs(2, num_train=10, batch_size=4) == 6  # ceil(10 / 4) = 3 per epoch
+    with pytest.raises(ValueError, match="epochs must be positive"):
+        sweep.steps_for_epochs(0, num_train=10, batch_size=4)
+
+
+def fake_training(calls):
+    """Stands in for the training subprocess: records argv, writes a metrics.json whose accuracy is the step
+    count / 1000 (so the table can be checked against the steps the sweep asked for)."""
+
+    def run(argv):
+        calls.append(argv)
+        out = argv[argv.index("--output-dir") + 1]
+        steps = int(argv[argv.index("--max-steps") + 1])
+        seed = int(argv[argv.index("--seed") + 1])
+        entry = {"acc": steps / 1000, "ece": 10.0 + seed, "nll": 1.0, "brier": 0.5, "n_examples": 8, "ece_bins": 15}
+        from pathlib import Path
+
+        Path(out).mkdir(parents=True, exist_ok=True)
+        (Path(out) / "metrics.json").write_text(json.dumps({"mean": entry, "samples_10": entry}))
+        import numpy as np
+
+        from blob_pyro.baselines.common import save_predictions
+
+        save_predictions(out, {"mean": np.full((8, 2), 0.5), "samples_10": np.full((8, 2), 0.5)}, np.zeros(8))
+
+    return run
+
+
+def test_sweep_runs_one_compare_per_length_and_resumes(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(compare, "run_training", fake_training(calls))
+    split = tmp_path / "split.json"
+    split.write_text(json.dumps({"train": list(range(40)), "validation": [40, 41], "procedure": "test", "seed": 0}))
+    argv = ["--epochs", "1,3", "--methods", "mle,blob", "--seeds", "1,2", "--output-dir", str(tmp_path / "sweep"),
+            "--split-file", str(split), "--batch-size", "16"]
+    rows = sweep.main(argv)
+    assert len(calls) == 2 * 2 * 2
+    steps = sorted({int(c[c.index("--max-steps") + 1]) for c in calls})
+    assert steps == [3, 9]  # ceil(40 / 16) = 3 steps per epoch
+    assert all(str(tmp_path / "sweep" / "epochs_1") in c[c.index("--output-dir") + 1] or
+               str(tmp_path / "sweep" / "epochs_3") in c[c.index("--output-dir") + 1] for c in calls)
+    blob3 = next(r for r in rows if r["method"] == "blob" and r["epochs"] == 3)
+    assert blob3["acc_mean"] == pytest.approx(0.9) and blob3["seeds"] == 2
+    assert blob3["ece_values"] == [11.0, 12.0] and blob3["ece_mean"] == pytest.approx(11.5)
+    assert (tmp_path / "sweep" / "sweep.png").stat().st_size > 0
+    assert "| 3 | blob | samples_10 | 2 |" in (tmp_path / "sweep" / "sweep.md").read_text()
+    calls.clear()
+    sweep.main(argv)  # everything finished: nothing runs again
+    assert calls == []
+
+
+def test_sweep_refuses_max_steps_and_bad_epochs(tmp_path):
+    with pytest.raises(SystemExit):
+        sweep.main(["--epochs", "1", "--methods", "mle", "--output-dir", str(tmp_path), "--max-steps", "5"])
+    with pytest.raises(SystemExit):
+        sweep.main(["--epochs", "0,2", "--methods", "mle", "--output-dir", str(tmp_path)])

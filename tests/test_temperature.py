@@ -231,3 +231,15 @@ def test_temperature_on_a_sequence_classifier_with_a_new_head_rebuilds_the_base_
     assert base_metrics["mean"]["acc"] > 0.75 and 0.02 < t < 50  # a trained, not uniform, predictor
     evaluated = evaluate_main(["--run-dir", str(tmp_path / "ts"), "--eval-batch-size", "8", "--device", "cpu"])
     assert next(iter(evaluated["metrics"].values()))["mean"]["nll"] == pytest.approx(metrics["mean"]["nll"], abs=1e-5)
+
+
+def test_sweep_counts_epochs_over_the_examples_left_after_calibration(tmp_path):
+    from blob_pyro.config import TrainConfig
+    from blob_pyro.sweep import training_set_size
+
+    assert training_set_size(TrainConfig(num_train=640, num_calibration=64)) == 576
+    recorded = tmp_path / "split.json"
+    recorded.write_text(json.dumps({"train": list(range(576)), "validation": [1000], "calibration": list(range(600, 664))}))
+    assert training_set_size(TrainConfig(split_file=str(recorded), num_calibration=64)) == 576  # already carved
+    recorded.write_text(json.dumps({"train": list(range(640)), "validation": [1000]}))
+    assert training_set_size(TrainConfig(split_file=str(recorded), num_calibration=64)) == 576  # carved at run time

@@ -2,7 +2,8 @@
 
 Reads top to bottom: run config -> base model, adapters, guide (rebuilt from ``config.json`` and
 validated against ``adapter.safetensors`` / ``guide.safetensors``) -> for each task: posterior-mean
-pass and N posterior draws -> metrics, InferenceData, uncertainty, plots.
+pass and N posterior draws -> metrics, InferenceData, uncertainty, plots. A ``--method temperature`` run
+is evaluated as its base run (model, split) with every class logit divided by its fitted T.
 
 The first ``--eval-tasks`` entry is the in-distribution task, the others are OOD. ``run`` (the default)
 names the run's own task, evaluated on the run's validation split (``split.json``); so is any task file
@@ -51,6 +52,7 @@ from blob_pyro.assembly import (
     batches, build_guide, build_model, encode_examples, evaluation_positions, load_network, load_task, make_split,
     length_sorted, prepare_data, resolve_device, resolve_dtype, uses_answer_letters,
 )
+from blob_pyro.baselines.temperature import TemperatureScaledHead, temperature_of_run
 from blob_pyro.checkpoint import load_adapter_and_guide
 from blob_pyro.config import TrainConfig, config_parser
 from blob_pyro.data import ANSWER_LETTERS, MultipleChoiceTask, answer_token_ids, load_split_file
@@ -209,14 +211,18 @@ def resolve_eval_tasks(cfg: EvaluateConfig, run_cfg: TrainConfig, run_task, spli
     return chosen
 
 
-def task_model(run_cfg: TrainConfig, network, tokenizer, task: MultipleChoiceTask, device) -> BayesianLoRAModel:
-    """The adapted network with a likelihood head for ``task`` (its own K; as train's OOD evaluation)."""
+def task_model(run_cfg: TrainConfig, network, tokenizer, task: MultipleChoiceTask, device, *,
+               temperature: Optional[float] = None) -> BayesianLoRAModel:
+    """The adapted network with a likelihood head for ``task`` (its own K; as train's OOD evaluation),
+    its logits divided by ``temperature`` if given."""
     if uses_answer_letters(run_cfg):
         head = AnswerTokenHead(answer_token_ids(tokenizer, task.num_choices))
     elif run_cfg.task_type == "causal_lm":
         head = ChoiceLikelihoodHead(task.num_choices)
     else:
         head = SequenceClassificationHead(task.num_choices)
+    if temperature is not None:
+        head = TemperatureScaledHead(head, temperature)
     return BayesianLoRAModel(network, head).to(device).eval()
 
 
@@ -244,7 +250,9 @@ def _safe(name: str) -> str:
 def evaluate(cfg: EvaluateConfig) -> dict:
     """Evaluate ``cfg.run_dir``; returns ``{"metrics": ..., "uncertainty": ...}`` (also written to files)."""
     run_dir = Path(cfg.run_dir)
-    run_cfg = load_run(run_dir)
+    scaled = temperature_of_run(run_dir)  # (base run, T) for a --method temperature run, else None
+    model_dir, temperature = scaled if scaled else (run_dir, None)
+    run_cfg = load_run(model_dir)
     out = prepare_output_dir(cfg, run_dir)
     (out / "evaluate_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
     pyro.clear_param_store()  # the global param store must not leak tensors between runs
@@ -253,13 +261,18 @@ def evaluate(cfg: EvaluateConfig) -> dict:
     wall_start = time.perf_counter()
 
     # The run's model, rebuilt from its config and validated against its files
-    run_task, split = run_task_and_split(run_cfg, run_dir)
+    run_task, split = run_task_and_split(run_cfg, model_dir)
+    pyro.set_rng_seed(run_cfg.seed)  # a sequence classifier's frozen new head is drawn at load time, as in training
     network, tokenizer = load_network(run_cfg, run_task.num_choices, dtype=resolve_dtype(run_cfg.base_dtype if cfg.base_dtype == "run" else cfg.base_dtype, device))
     network.to(device)
     data = prepare_data(run_cfg, run_task, split, tokenizer)
     model = build_model(run_cfg, network, data)
     guide = build_guide(run_cfg, model).to(device)
-    load_adapter_and_guide(run_dir, model, guide)  # raises if layer names or shapes differ
+    load_adapter_and_guide(model_dir, model, guide)  # raises if layer names or shapes differ
+    if temperature is not None:
+        model.head = TemperatureScaledHead(model.head, temperature)
+        log(f"temperature-scaled run: base run {model_dir}, class logits divided by T = {temperature:.4g}")
+    pyro.set_rng_seed(cfg.seed)
     model.eval()
     point_estimate = getattr(guide, "point_estimate", not guide.scores_prior)
     num_draws = 1 if point_estimate else cfg.eval_samples
@@ -282,13 +295,15 @@ def evaluate(cfg: EvaluateConfig) -> dict:
         "run_dir": str(run_dir.resolve()), "run_task": run_task.name, "eval_seed": cfg.seed,
         "num_draws": num_draws, "versions": versions(), "run_config": run_cfg.to_dict(),
     }
+    if temperature is not None:
+        common_attrs.update({"temperature": temperature, "base_run_dir": str(model_dir.resolve())})
     for et in tasks:
         start = time.perf_counter()
         task = et.task
         positions, encoded = length_sorted(et.positions, encode_examples(run_cfg, task, tokenizer, [task.examples[i] for i in et.positions]))
         task_batches = batches(data, encoded, batch_size=cfg.eval_batch_size, device=device)
         labels = encoded.labels.numpy()
-        tmodel = model if task is run_task else task_model(run_cfg, network, tokenizer, task, device)
+        tmodel = model if task is run_task else task_model(run_cfg, network, tokenizer, task, device, temperature=temperature)
         mean_probs = posterior_mean_probs(tmodel, guide, task_batches).numpy()
         draws = draw_predictive(tmodel, guide, task_batches, num_samples=num_draws, seed=cfg.seed, posterior_sites=posterior_sites)
         file_ids = [int(task.file_indices[i]) if task.file_indices else int(i) for i in positions]

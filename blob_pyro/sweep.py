@@ -33,13 +33,15 @@ PANELS = [("acc", "ACC %"), ("ece", "ECE % (15 bins)"), ("nll", "NLL")]
 
 
 def training_set_size(cfg: TrainConfig) -> int:
-    """Training examples per epoch: the ``train`` list of ``--split-file`` when given, else ``--num-train``."""
+    """Training examples per epoch: the ``train`` list of ``--split-file`` when given, else ``--num-train``;
+    minus the ``--num-calibration`` examples carved out of it (unless the split file already lists them)."""
     if cfg.split_file:
         try:
-            return len(json.loads(Path(cfg.split_file).read_text())["train"])
+            recorded = json.loads(Path(cfg.split_file).read_text())
+            return len(recorded["train"]) - (0 if recorded.get("calibration") else cfg.num_calibration)
         except (OSError, ValueError, KeyError) as err:
             raise SystemExit(f"[sweep] cannot read the 'train' list of --split-file {cfg.split_file}: {err}") from None
-    return cfg.num_train
+    return cfg.num_train - cfg.num_calibration
 
 
 def steps_for_epochs(epochs: float, *, num_train: int, batch_size: int) -> int:

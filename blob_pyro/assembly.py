@@ -17,7 +17,7 @@ import torch
 
 from blob_pyro.config import TrainConfig
 from blob_pyro.data import (
-    DEFAULT_FORMAT, EncodedSplit, MultipleChoiceTask, Split, answer_token_ids, classification_text, encode_multiple_choice,
+    DEFAULT_FORMAT, EncodedSplit, MultipleChoiceTask, Split, answer_token_ids, carve_calibration, classification_text, encode_multiple_choice,
     encode_text_classification, iterate_batches, load_bigbench, load_split_file, load_task_spec, stratified_sample,
     stratified_split,
 )
@@ -64,7 +64,23 @@ def load_task(cfg: TrainConfig, spec: Optional[str] = None, *, roles: tuple = ("
 
 def make_split(cfg: TrainConfig, task: MultipleChoiceTask) -> Split:
     """Positions into ``task.examples``: from ``--split-file``, the task's own splits (paper tasks: used
-    whole unless ``--subsample-task-splits``), or a seeded stratified split."""
+    whole unless ``--subsample-task-splits``), or a seeded stratified split; then ``--num-calibration``
+    training examples moved to ``calibration`` (:func:`blob_pyro.data.carve_calibration`, seeded by
+    ``--split-seed``) unless a split file already lists exactly that many."""
+    split = _train_validation_split(cfg, task)
+    if split.calibration:
+        if cfg.num_calibration != len(split.calibration):
+            raise ValueError(
+                f"--split-file {cfg.split_file} lists {len(split.calibration)} calibration examples but --num-calibration "
+                f"is {cfg.num_calibration}; pass --num-calibration {len(split.calibration)}"
+            )
+        return split
+    if cfg.num_calibration == 0:
+        return split
+    return carve_calibration(split, task.labels, size=cfg.num_calibration, seed=cfg.split_seed)
+
+
+def _train_validation_split(cfg: TrainConfig, task: MultipleChoiceTask) -> Split:
     if cfg.split_file:
         return load_split_file(cfg.split_file, file_indices=task.file_indices)
     if task.splits is not None:
@@ -108,6 +124,7 @@ class TaskData:
     padding_side: str
     answer_token_ids: Optional[list[int]] = None
     choice_layout: str = "shared_prompt"
+    calibration: Optional[EncodedSplit] = None  # split.calibration, tokenized (None when the split has none)
 
 
 def encode_examples(cfg: TrainConfig, task: MultipleChoiceTask, tokenizer, examples) -> EncodedSplit:
@@ -139,14 +156,16 @@ def length_sorted(positions: Sequence[int], encoded) -> tuple[list[int], object]
 
 
 def prepare_data(cfg: TrainConfig, task: MultipleChoiceTask, split: Split, tokenizer) -> TaskData:
-    """Tokenize the train and validation examples once. The validation examples are put in
+    """Tokenize the train, validation (and calibration) examples once. The validation examples are put in
     :func:`length_sorted` order, and ``TaskData.split.validation`` follows it (record that split)."""
     pick = lambda idx: [task.examples[i] for i in idx]  # noqa: E731
     train = encode_examples(cfg, task, tokenizer, pick(split.train))
     validation_positions, validation = length_sorted(split.validation, encode_examples(cfg, task, tokenizer, pick(split.validation)))
     split = dataclasses.replace(split, validation=validation_positions)
     ids = answer_token_ids(tokenizer, task.num_choices) if uses_answer_letters(cfg) else None
-    return TaskData(task, split, train, validation, tokenizer.pad_token_id, tokenizer.padding_side, ids, cfg.choice_layout)
+    calibration = encode_examples(cfg, task, tokenizer, pick(split.calibration)) if split.calibration else None
+    return TaskData(task, split, train, validation, tokenizer.pad_token_id, tokenizer.padding_side, ids, cfg.choice_layout,
+                    calibration)
 
 
 def uses_answer_letters(cfg: TrainConfig) -> bool:
@@ -295,8 +314,11 @@ def build_guide(cfg: TrainConfig, model: BayesianLoRAModel, *, init_loc_fn=None)
     return make_guide(cfg.guide, model, **options)
 
 
-def build_objective(cfg: TrainConfig, model, guide, *, num_data: int):
-    cycle = kl_cycle_length(num_data, cfg.batch_size, dataset_rescaling=cfg.dataset_rescaling, gamma=cfg.gamma)
+def build_objective(cfg: TrainConfig, model, guide, *, num_data: int, processes: int = 1):
+    """The training objective; ``processes`` P (data parallelism, ``--batch-size`` per process) enters
+    the KL cycle length M as in the official code."""
+    cycle = kl_cycle_length(num_data, cfg.batch_size, dataset_rescaling=cfg.dataset_rescaling, gamma=cfg.gamma,
+                            processes=processes)
     kl = KLWeighting(cfg.kl_schedule, cycle, cfg.kl_weight)
     flipout = None if cfg.flipout == "none" else cfg.flipout
     common = dict(

@@ -23,11 +23,13 @@ an autoguide import path (``module:Class``), run with ``--guide``; and the basel
 (``--guide mle --lora-dropout 0.1``), ``ensemble`` (``--guide mle``), ``laplace`` (``--guide map``; the
 ``--laplace-*`` defaults: diagonal GGN, MC predictive), ``laplace_kfac`` (``--guide map --laplace-hessian
 kfac --laplace-predictive probit``, Laplace-LoRA as in the paper), ``tfb`` (``--guide mle``), ``blob_official``
-(``--guide blob --recipe official``: the official update rule; compare's own flags override the recipe). Flags given after the compare options apply to every run; a method's own
+(``--guide blob --recipe official``: the official update rule; compare's own flags override the recipe), ``temperature``
+(``--guide mle``; needs ``--num-calibration K`` among the shared flags, so that every method trains on the same
+``num_train - K`` examples and T is fitted on the K held out). Flags given after the compare options apply to every run; a method's own
 flags come last and win.
 
 Post-hoc baselines reuse the run they build on when its method is in the list (:data:`BASE_METHOD`):
-``laplace`` and ``laplace_kfac`` fit to ``map/seed_<s>``, ``tfb`` to ``mle/seed_<s>``, and ``ensemble`` takes ``mle/seed_<s>``
+``laplace`` and ``laplace_kfac`` fit to ``map/seed_<s>``, ``tfb`` and ``temperature`` to ``mle/seed_<s>``, and ``ensemble`` takes ``mle/seed_<s>``
 as member 0 (``--base-run``), so those cost no extra training; base methods run first. Their wall time
 in the table is then the post-hoc part only.
 """
@@ -63,11 +65,12 @@ METHOD_FLAGS = {
     # Laplace-LoRA as the paper runs it: Kronecker-factored GGN, linearised (probit) predictive
     "laplace_kfac": ["--method", "laplace", "--guide", "map", "--laplace-hessian", "kfac", "--laplace-predictive", "probit"],
     "tfb": ["--method", "tfb", "--guide", "mle"],
+    "temperature": ["--method", "temperature", "--guide", "mle"],
     # BLoB as its official code trains it (two optimisers, KL cycle, rescaling, flipout); the flags given to
     # compare (e.g. --lr, --max-steps, --kllr) still override the recipe's values
     "blob_official": ["--guide", "blob", "--recipe", "official"],
 }
-BASE_METHOD = {"laplace": "map", "laplace_kfac": "map", "tfb": "mle", "ensemble": "mle"}
+BASE_METHOD = {"laplace": "map", "laplace_kfac": "map", "tfb": "mle", "temperature": "mle", "ensemble": "mle"}
 METRICS = [("acc", "ACC %", 100.0), ("ece", "ECE % (15 bins)", 1.0), ("nll", "NLL", 1.0), ("brier", "Brier", 1.0)]
 
 
@@ -351,12 +354,26 @@ def plot_reliability(output_dir: Path, method: str, seeds: Sequence[int], *, num
     return out
 
 
+def _num_calibration(train_args: Sequence[str]) -> int:
+    """The last ``--num-calibration`` value among the shared train flags (0 when absent or unreadable)."""
+    value = "0"
+    for i, arg in enumerate(train_args):
+        if arg == "--num-calibration" and i + 1 < len(train_args):
+            value = train_args[i + 1]
+        elif arg.startswith("--num-calibration="):
+            value = arg.split("=", 1)[1]
+    try:
+        return int(value)
+    except ValueError:
+        return 0
+
+
 def main(argv: Optional[Sequence[str]] = None) -> list[dict]:
     parser = argparse.ArgumentParser(
         prog="python -m blob_pyro.compare", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
         allow_abbrev=False,  # "--seed" must not be read as "--seeds"
     )
-    parser.add_argument("--methods", required=True, help="comma-separated methods, e.g. blob,mle,map,meanfield,mc_dropout,ensemble,laplace,laplace_kfac,tfb")
+    parser.add_argument("--methods", required=True, help="comma-separated methods, e.g. blob,mle,map,meanfield,mc_dropout,ensemble,laplace,laplace_kfac,tfb,temperature")
     parser.add_argument("--seeds", default="1", help="comma-separated seeds, e.g. 1,2,3")
     parser.add_argument("--output-dir", required=True, help="folder of the runs, tables and diagrams")
     parser.add_argument("--report-only", action="store_true",
@@ -377,6 +394,9 @@ def main(argv: Optional[Sequence[str]] = None) -> list[dict]:
     for flag in ("--seed", "--output-dir", "--guide", "--method"):
         if flag in train_args:
             parser.error(f"{flag} is set by compare per run; remove it (use --seeds / --methods)")
+    if "temperature" in methods and not args.report_only and not _num_calibration(train_args):
+        parser.error("method temperature fits T on calibration examples carved from the training data: pass "
+                     "--num-calibration K (e.g. 64), which every method's run then holds out of training")
     output_dir = Path(args.output_dir)
     if args.ood_columns and not any(a == "--eval-tasks" or a.startswith("--eval-tasks=") for a in train_args):
         parser.error("--ood-columns tables the runs' OOD tasks: pass --eval-tasks TASK[,TASK...] too")

@@ -56,8 +56,9 @@ class TrainConfig:
     choice_layout: str = _f("shared_prompt", "choice_loglik batches: shared_prompt (one row per example, prompt + all choices, a block attention mask keeps the choices apart; the prompt runs once) or separate (one row per choice; for causal LMs that reject a 4D attention mask and position_ids, or that use sliding-window attention; a model that scores the layouts differently, e.g. GPT-2, is refused with this advice). Same class logits; sequence flipout and MC-dropout draw once per row, so per example with shared_prompt and per choice with separate", ["shared_prompt", "separate"])
     list_choices: bool = _f(False, "choice_loglik: list the choices in the prompt where the task asks for it (BIG-bench append_choices_to_input, with its choice_prefix). Off by default: with social_iqa's choices listed, SmolLM2-135M stayed at chance after 200 steps (README 'Learning first')")
     drop_mismatched_choices: bool = _f(True, "drop examples whose number of choices differs from the task's most common count (social_iqa has 4 such)")
-    num_train: int = _f(640, "training examples in the seeded stratified split")
+    num_train: int = _f(640, "training examples in the seeded stratified split (the pool; with --num-calibration K the run trains on num_train - K)")
     num_validation: int = _f(100, "validation examples in the seeded stratified split (100 keeps the default run near five minutes on 2 CPU cores; use 400+ for reported results)")
+    num_calibration: int = _f(0, "calibration examples carved out of the training pool before training (stratified, seeded by --split-seed, recorded in split.json as 'calibration'), for post-hoc calibration (--method temperature): the run trains on num_train - K examples, while the validation split stays the one of K = 0. Give every method of a comparison the same K. 0: none")
     split_seed: int = _f(0, "seed of the stratified train/validation split")
     split_file: Optional[str] = _f(None, "JSON split file with 'train'/'validation' index lists (overrides num_train/num_validation/split_seed)")
     max_length: int = _f(256, "maximum prompt length in tokens (the question is truncated from the left)")
@@ -81,8 +82,8 @@ class TrainConfig:
     bayesian_sites: Optional[str] = _f(None, "regex (re.search) of the LoRA-A sites the guide covers, e.g. 'lm_head'; the other adapters are deterministic plain-LoRA layers (no prior term). Unset: all")
     guide_rank: int = _f(8, "lowrank guide: rank of the covariance factor")
     init_scale: float = _f(0.0025, "normal/lowrank guides: initial posterior scale (BLoB's initial std is eps^2 = 0.0025)")
-    method: str = _f("svi", "svi: train the --guide by SVI. Baselines (blob_pyro.baselines): mc_dropout (LoRA dropout kept on at test, --eval-samples passes; needs --lora-dropout > 0), ensemble (--ensemble-size runs of --guide with seeds seed, seed+1000, ...; probabilities averaged), laplace (post-hoc Laplace over the LoRA parameters of a --guide map/mle run), tfb (training-free Bayesianization of a --guide map/mle run)", ["svi", "mc_dropout", "ensemble", "laplace", "tfb"])
-    base_run: Optional[str] = _f(None, "laplace, tfb: fit post hoc to this finished run directory (e.g. the MAP / MLE run of the same seed) instead of training a new base run; ensemble: use it as member 0. Its config must match this run's in model, data, adapter and seed")
+    method: str = _f("svi", "svi: train the --guide by SVI. Baselines (blob_pyro.baselines): mc_dropout (LoRA dropout kept on at test, --eval-samples passes; needs --lora-dropout > 0), ensemble (--ensemble-size runs of --guide with seeds seed, seed+1000, ...; probabilities averaged), laplace (post-hoc Laplace over the LoRA parameters of a --guide map/mle run), tfb (training-free Bayesianization of a --guide map/mle run), temperature (post-hoc temperature scaling of the posterior-mean logits of any run, one T fitted by NLL on its --num-calibration examples)", ["svi", "mc_dropout", "ensemble", "laplace", "tfb", "temperature"])
+    base_run: Optional[str] = _f(None, "laplace, tfb, temperature: fit post hoc to this finished run directory (e.g. the MAP / MLE run of the same seed) instead of training a new base run; ensemble: use it as member 0. Its config must match this run's in model, data, adapter and seed")
     ensemble_size: int = _f(3, "ensemble: number of independently seeded members")
     laplace_hessian: str = _f("diag", "laplace: curvature of the LoRA parameters: diag (diagonal GGN; exact for the categorical likelihood, K backward passes per example), diag_ef (empirical Fisher, one per example) or kfac (Kronecker-factored GGN n kron(G, A) of every LoRA A and B: A the layer-input, G the output-gradient second moment, K backward passes per example; correlated posterior draws for mc, the Kronecker covariance for probit; factors larger than 4096, e.g. lm_head's vocabulary side, kept diagonal)", ["diag", "diag_ef", "kfac"])
     laplace_prior_precision: float = _f(0.0, "laplace: prior precision of the LoRA parameters; 0 = tune it by maximising the Laplace marginal likelihood")
@@ -99,14 +100,14 @@ class TrainConfig:
     elbo: str = _f("trace", "ELBO estimator for --objective elbo: trace (Trace_ELBO, MC KL) or meanfield (TraceMeanField_ELBO, closed-form KL)", ["trace", "meanfield"])
     kl_schedule: str = _f("constant", "KL re-weighting: constant, blob (official, increasing 2^i/(2^(M+1)-1)) or blundell (decreasing)", ["constant", "blob", "blundell"])
     kl_weight: float = _f(1.0, "constant multiplier on the KL term (elbo: in per-dataset ELBO units; parity: on pi_i*KL)")
-    dataset_rescaling: bool = _f(False, "BLoB dataset rescaling of the cycle length: M = int(100 N^(pi/gamma) / b)")
+    dataset_rescaling: bool = _f(False, "BLoB dataset rescaling of the cycle length: M = int(100 N^(pi/gamma) / P / b), P the number of processes (torchrun), b the per-process batch")
     gamma: float = _f(8.0, "gamma of the dataset-rescaling formula")
     kllr: float = _f(0.01, "parity objective: SGD learning rate of the KL step (LLaMA 0.01, RoBERTa 0.002)")
     flipout: str = _f("none", "flipout on A during training: none, token (official per-token signs) or sequence (exactly unbiased per example)", ["none", "token", "sequence"])
 
     # Optimisation
     max_steps: int = _f(200, "training steps (minibatches); 200 keeps the default run near five minutes on 2 CPU cores; 0 only with --init-from-peft (evaluate the imported adapter)")
-    batch_size: int = _f(4, "training minibatch size")
+    batch_size: int = _f(4, "training minibatch size per process (under torchrun with K processes the global batch is K times this)")
     lr: float = _f(1e-3, "AdamW learning rate (peak, after warm-up); 1e-3 learns social_iqa on SmolLM2-135M in 300 steps (README 'Learning first')")
     weight_decay: float = _f(0.0, "AdamW weight decay")
     adam_eps: float = _f(1e-6, "AdamW epsilon")
@@ -162,6 +163,13 @@ class TrainConfig:
             raise ValueError("--objective parity reproduces BLoB's update rule and needs --guide blob")
         if self.flipout != "none" and self.guide != "blob":
             raise ValueError(f"--flipout needs --guide blob (it perturbs around the guide mean), got --guide {self.guide}")
+        if self.num_calibration < 0:
+            raise ValueError(f"--num-calibration must be >= 0 (0 = no calibration split), got {self.num_calibration}")
+        if self.method == "temperature" and self.num_calibration == 0 and not self.base_run:
+            raise ValueError(
+                "--method temperature fits T on calibration examples carved from the training data, and --num-calibration "
+                "is 0: pass --num-calibration K (e.g. 64; the base run then trains on num_train - K examples)"
+            )
         if self.eval_task_size < 0:
             raise ValueError(f"--eval-task-size must be >= 0 (0 = every example), got {self.eval_task_size}")
         if self.column_mapping:

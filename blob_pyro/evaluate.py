@@ -4,7 +4,8 @@ Reads top to bottom: run config -> checks that need no model (before the output 
 the run's predictive, whatever its ``--method`` (:mod:`blob_pyro.run_predictive`: an SVI guide's draws, MC
 dropout draws, Laplace / TFB draws or the linearised probit predictive, the mixture of ensemble members;
 rebuilt from ``config.json`` and validated against the run's safetensors) -> for each task: the method's
-prediction modes and S draws -> metrics, InferenceData, uncertainty, OOD detection, plots.
+prediction modes and S draws -> metrics, InferenceData, uncertainty, OOD detection, plots. A ``--method temperature``
+run is evaluated as its base run (model, split) with every class logit divided by its fitted T.
 
 The first ``--eval-tasks`` entry is the in-distribution task, the others are OOD. ``run`` (the default)
 names the run's own task, evaluated on the run's validation split (``split.json``); so is any task file
@@ -69,6 +70,7 @@ from blob_pyro.evaluation.report import results_table
 from blob_pyro.evaluation.uncertainty import per_example_table, selective_prediction, summarize_tasks, uncertainty_decomposition
 from blob_pyro.evaluation.weight_space import spread_by_layer
 from blob_pyro.preflight import PreflightError, check_device, check_model, check_output_dir, check_run_dir
+from blob_pyro.baselines.temperature import temperature_of_run
 from blob_pyro.rundir import write_json_atomic
 from blob_pyro.run_predictive import load_run_predictive, run_task_and_split
 
@@ -234,12 +236,15 @@ def evaluate(cfg: EvaluateConfig) -> dict:
     pyro.set_rng_seed(cfg.seed)
     device = resolve_device(cfg.device)
     wall_start = time.perf_counter()
-    run_task, split = run_task_and_split(run_cfg, run_dir)
+    scaled = temperature_of_run(run_dir)  # (base run, T) for a --method temperature run, else None
+    model_dir, temperature = scaled if scaled else (run_dir, None)
+    run_task, split = run_task_and_split(run_cfg, model_dir)
     tasks = resolve_eval_tasks(cfg, run_cfg, run_task, split)
 
     # The run's predictive, rebuilt from its config and validated against its files (any method)
     dtype = None if cfg.base_dtype == "run" else resolve_dtype(cfg.base_dtype, device)
     predictive = load_run_predictive(run_dir, device=cfg.device, dtype=dtype)
+    pyro.set_rng_seed(cfg.seed)  # loading seeded the RNG with the run's seed (a sequence classifier's new head)
     model, guide, data = predictive.model, predictive.guide, predictive.data
     for et in tasks:  # the run's own task: the predictive's copy (its model carries that task's head)
         if et.task is run_task:
@@ -270,6 +275,8 @@ def evaluate(cfg: EvaluateConfig) -> dict:
         "run_dir": str(run_dir.resolve()), "run_task": run_task.name, "eval_seed": cfg.seed,
         "num_draws": num_draws, "versions": versions(), "run_config": run_cfg.to_dict(),
     }
+    if temperature is not None:
+        common_attrs.update({"temperature": temperature, "base_run_dir": str(model_dir.resolve())})
     for et in tasks:
         start = time.perf_counter()
         task = et.task

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import pyro
 import torch
@@ -206,6 +206,8 @@ class ParityObjective:
         self.sgd = torch.optim.SGD(means + roots + bs, lr=kllr)
         self.schedulers = [torch.optim.lr_scheduler.LambdaLR(o, factor) for o in (self.adamw, self.sgd)]
         self.max_grad_norm = max_grad_norm
+        #: Data parallelism (blob_pyro.distributed): combines the NLL gradients across processes in place.
+        self.gradient_reducer: Optional[Callable[[list], list]] = None
 
     def state_dict(self) -> dict:
         """Both optimisers' and both schedulers' states (for resuming)."""
@@ -235,6 +237,8 @@ class ParityObjective:
                     f"the NLL is {float(nll)} at step {step}: parameters were left unchanged; lower --lr or check the data"
                 )
             nll.backward()
+            if self.gradient_reducer is not None:  # G keeps its combined NLL gradient for the SGD step
+                self.gradient_reducer(self.sgd.param_groups[0]["params"])
             if self.max_grad_norm is not None:
                 torch.nn.utils.clip_grad_norm_(self.adamw.param_groups[0]["params"], self.max_grad_norm)
             self.adamw.step()

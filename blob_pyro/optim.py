@@ -51,6 +51,9 @@ class ClippedScheduledOptim(PyroLRScheduler):
         self.max_grad_norm = max_grad_norm
         self.loss_scale = float(loss_scale)
         self.last_grad_norm: Optional[float] = None
+        #: Data parallelism (blob_pyro.distributed): ``params -> params`` combines the gradients across
+        #: processes in place and returns the parameters in an order that is the same on every process.
+        self.gradient_reducer: Optional[Callable[[list], list]] = None
         super().__init__(scheduler_constructor, optim_args)
 
     def __call__(self, params, *args, **kwargs) -> None:
@@ -58,6 +61,8 @@ class ClippedScheduledOptim(PyroLRScheduler):
         # in list order, so sort by parameter name for results that repeat bitwise across processes.
         store = pyro.get_param_store()
         params = sorted((p for p in params if p.grad is not None), key=store.param_name)
+        if self.gradient_reducer is not None:
+            params = self.gradient_reducer(params)
         if params:
             limit = float("inf") if self.max_grad_norm is None else self.max_grad_norm * self.loss_scale
             norm = float(torch.nn.utils.clip_grad_norm_(params, limit))

@@ -187,6 +187,9 @@ def load_svi_run(run_dir, cfg: Optional[TrainConfig] = None, *, device: Optional
     run_dir = Path(run_dir)
     cfg = cfg or TrainConfig.load(run_dir / "config.json")
     pyro.clear_param_store()
+    # A sequence classifier's new head is drawn at load time and frozen, and not saved with the adapters:
+    # seeding as train does draws the same head again.
+    pyro.set_rng_seed(cfg.seed)
     device = resolve_device(device or cfg.device)
     task, split = run_task_and_split(cfg, run_dir)
     network, tokenizer = load_network(cfg, task.num_choices, dtype=dtype or resolve_dtype(cfg.base_dtype, device))

@@ -6,7 +6,10 @@ lists every option.
 
 Output directory: ``config.json``, ``split.json``, ``adapter.safetensors``, ``guide.safetensors``,
 ``metrics.json`` (one entry per prediction mode: ``zero_shot``, ``mean``, ``samples_N``; with ``--eval-tasks``
-also ``"ood": {task: {"mean": ..., "samples_N": ...}}``), ``run.json`` (timings, versions), ``train_log.jsonl``.
+also ``"ood": {task: {"mean": ..., "samples_N": ...}}`` and ``"ood_detection": {task: {score: {"auroc", "aupr",
+...}}}``; written last and atomically: it marks the run finished), ``run.json`` (timings, versions), ``train_log.jsonl``.
+Inputs are checked before the output directory is touched (:mod:`blob_pyro.preflight`); ``--overwrite`` removes
+the old run's files, ``metrics.json`` first, right before the new run writes (:mod:`blob_pyro.rundir`).
 While training: ``checkpoint.safetensors`` (every ``--checkpoint-every`` steps, at the end of training and on
 SIGTERM/SIGINT; removed once ``metrics.json`` is written), which ``--resume`` continues from (:mod:`blob_pyro.resume`).
 """
@@ -18,6 +21,7 @@ import json
 import math
 import os
 import platform
+import signal
 import sys
 import time
 from pathlib import Path
@@ -35,6 +39,7 @@ from blob_pyro.assembly import (
 from blob_pyro.checkpoint import save_adapter_and_guide
 from blob_pyro.config import TrainConfig
 from blob_pyro.data import answer_token_ids, task_spec_name
+from blob_pyro.distributed import DataParallel, check_divisible_epochs, environment_world_size
 from blob_pyro.interrupt import Interrupted, stop_on_signals
 from blob_pyro.ood_eval import detection_blocks
 from blob_pyro.preflight import PreflightError, check_output_dir, check_train_inputs
@@ -77,15 +82,23 @@ def versions() -> dict:
 
 
 def train(cfg: TrainConfig) -> dict:
-    """Run one configuration end to end; returns ``metrics`` (also written to ``metrics.json``)."""
+    """Run one configuration end to end; returns ``metrics`` (also written to ``metrics.json``).
+
+    Under ``torchrun`` (blob_pyro.distributed) every process trains on its shard of each global batch of
+    ``processes * batch_size`` examples; rank 0 alone writes files and evaluates, the others return ``{}``.
+    """
     checked = check_train_inputs(cfg)  # every check that needs no model, before the output directory is touched
     peft_adapter = read_initial_adapter(cfg)  # before any file is written: a bad adapter fails fast
     if cfg.method != "svi":  # baselines that are not one SVI run (blob_pyro.baselines)
+        if environment_world_size() > 1:
+            raise ValueError(f"--method {cfg.method} runs in one process; launch it without torchrun "
+                             f"(found WORLD_SIZE={environment_world_size()})")
         from blob_pyro.baselines import run_method
 
         prepare_output_dir(cfg)
         return run_method(cfg)
     out = Path(cfg.output_dir)
+    parallel = DataParallel.from_environment(cfg.device)
     device = resolve_device(cfg.device)
     checkpoint = None
     if cfg.resume or not cfg.overwrite:  # --resume: read and check it before writing anything
@@ -110,20 +123,26 @@ def train(cfg: TrainConfig) -> dict:
     if peft_adapter is not None:
         check_adapter_modules(peft_adapter, model, target_modules=cfg.target_modules)
     guide = build_guide(cfg, model, init_loc_fn=peft_init_loc_fn(peft_adapter) if peft_adapter else None).to(device)
-    objective = build_objective(cfg, model, guide, num_data=len(data.train))
+    objective = build_objective(cfg, model, guide, num_data=len(data.train), processes=parallel.world_size)
+    global_batch = cfg.batch_size * parallel.world_size
+    if parallel.active:
+        check_divisible_epochs(len(data.train), global_batch, parallel.world_size)
+        parallel.attach(objective)
+        parallel.broadcast_parameters([p for p in model.parameters() if p.requires_grad] + list(guide.parameters()))
     log(f"adapted {len(model.adapters)} layers; trainable: "
         f"{sum(p.numel() for p in model.parameters() if p.requires_grad) + sum(p.numel() for p in guide.parameters()):,} numbers")
 
-    # Every check passed: now the run's files (--overwrite removes the old run's first)
-    out = prepare_output_dir(cfg)
-    dataclasses.replace(cfg, resume=False).save(out / "config.json")
-    write_text_atomic(out / "split.json", json.dumps({"task": task.source, **data.split.remap(task.file_indices).to_dict()}) + "\n")
+    # Every check passed: now the run's files (--overwrite removes the old run's first); rank 0 alone writes
+    if parallel.is_main:
+        out = prepare_output_dir(cfg)
+        dataclasses.replace(cfg, resume=False).save(out / "config.json")
+        write_text_atomic(out / "split.json", json.dumps({"task": task.source, **data.split.remap(task.file_indices).to_dict()}) + "\n")
 
     metrics = {}
     model.eval()
     if checkpoint is not None:
         metrics = dict(checkpoint.state["metrics"])  # evaluated before the interruption
-    elif cfg.zero_shot:  # B = 0 at initialisation, so the adapted model is exactly the base model
+    elif cfg.zero_shot and parallel.is_main:  # B = 0 at initialisation, so the adapted model is exactly the base model
         zero_shot_start = time.perf_counter()
         metrics["zero_shot"] = classification_metrics(posterior_mean_probs(model, guide, val_batches).numpy(), labels.numpy())
         log(f"zero-shot evaluation: {len(labels)} examples in {time.perf_counter() - zero_shot_start:.1f} s "
@@ -139,16 +158,17 @@ def train(cfg: TrainConfig) -> dict:
     start_step, position, resumed_at, earlier_train_seconds = 0, (0, 0), [], 0.0
     if checkpoint is not None:
         position = restore_training_state(checkpoint, model=model, guide=guide, objective=objective, device=device,
-                                          stream_batches_per_epoch=math.ceil(len(data.train) / cfg.batch_size))
+                                          stream_batches_per_epoch=math.ceil(len(data.train) / global_batch))
         start_step, earlier_train_seconds = checkpoint.step, checkpoint.state["train_seconds"]
         resumed_at = [*checkpoint.state["resumed_at"], start_step]
         log(f"resuming from {checkpoint.path} at step {start_step} of {cfg.max_steps}")
-    stream = training_batches(data, batch_size=cfg.batch_size, seed=cfg.seed, device=device, position=position)
+    stream = training_batches(data, batch_size=global_batch, seed=cfg.seed, device=device, position=position)
     train_start = time.perf_counter()
-    with continue_train_log(out / "train_log.jsonl", checkpoint, log) as log_file, stop_on_signals() as stop, \
-            tqdm(total=cfg.max_steps, initial=start_step, desc="train", file=sys.stderr) as bar:
+    train_log = continue_train_log(out / "train_log.jsonl", checkpoint, log) if parallel.is_main else open(os.devnull, "w")
+    with train_log as log_file, stop_on_signals() as stop, \
+            tqdm(total=cfg.max_steps, initial=start_step, desc="train", file=sys.stderr, disable=not parallel.is_main) as bar:
         for step in range(start_step, cfg.max_steps):
-            stats = objective.step(next(stream), step)
+            stats = parallel.step(objective, next(stream), step)
             if checkpoint is not None and step == start_step:
                 check_optimiser_state_restored(checkpoint)
             if not math.isfinite(stats["loss"]):
@@ -159,20 +179,30 @@ def train(cfg: TrainConfig) -> dict:
                 log_file.write(json.dumps({"step": step, **stats}) + "\n")
                 log_file.flush()
             done = step + 1
+            if parallel.agree_to_stop(stop):  # a signal that reached any process stops all after this step
+                stop.signum = stop.signum or int(signal.SIGTERM)
+            path = checkpoint_path(out)
             if stop.signum is not None or done == cfg.max_steps or (cfg.checkpoint_every and done % cfg.checkpoint_every == 0):
                 log_file.flush()
-                path = save_checkpoint(
-                    out, cfg=cfg, step=done, model=model, guide=guide, objective=objective, stream=stream, metrics=metrics,
-                    train_log_bytes=os.fstat(log_file.fileno()).st_size, device_type=device.type, resumed_at=resumed_at,
-                    train_seconds=earlier_train_seconds + time.perf_counter() - train_start,
-                )
+                if parallel.is_main:
+                    path = save_checkpoint(
+                        out, cfg=cfg, step=done, model=model, guide=guide, objective=objective, stream=stream, metrics=metrics,
+                        train_log_bytes=os.fstat(log_file.fileno()).st_size, device_type=device.type, resumed_at=resumed_at,
+                        train_seconds=earlier_train_seconds + time.perf_counter() - train_start,
+                    )
             if stop.signum is not None:
                 message = (f"{stop.name} received: stopped after step {done} of {cfg.max_steps}; checkpoint written to "
                            f"{path}. Continue with the same command plus --resume (--output-dir {out} --resume)")
                 log(message)
                 raise Interrupted(stop.signum, message)
     train_seconds = earlier_train_seconds + time.perf_counter() - train_start
-    log(f"trained {cfg.max_steps} steps in {train_seconds:.0f} s ({cfg.max_steps * cfg.batch_size / train_seconds:.2f} examples/s)")
+    log(f"trained {cfg.max_steps} steps in {train_seconds:.0f} s ({cfg.max_steps * global_batch / train_seconds:.2f} examples/s)")
+    if parallel.active:
+        difference = parallel.max_parameter_difference()
+        if difference > 0:
+            log(f"warning: trained parameters differ across the {parallel.world_size} processes by up to {difference:.3g}")
+        if not parallel.is_main:  # rank 0 alone evaluates and writes files
+            return {}
     save_adapter_and_guide(out, model, guide)
 
     # Evaluation
@@ -198,7 +228,7 @@ def train(cfg: TrainConfig) -> dict:
         "ood_seconds": ood_seconds,
         "ood_tasks": {name: {"spec": s["spec"], "source": s["task"].source, "num_choices": s["task"].num_choices,
                              "positions": s["positions"]} for name, s in ood_sets.items()},
-        "train_examples_per_second": cfg.max_steps * cfg.batch_size / train_seconds,
+        "train_examples_per_second": cfg.max_steps * global_batch / train_seconds, "processes": parallel.world_size,
         "device": str(device), "versions": versions(), "num_train": len(data.train), "num_validation": len(labels),
         "resumed_at_steps": resumed_at,
     }

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from blob_pyro.models.bayesian_model import extra_batch_inputs
 
-__all__ = ["predict_probs", "posterior_mean_probs", "sample_probs", "guide_draws"]
+__all__ = ["predict_probs", "posterior_mean_logits", "posterior_mean_probs", "sample_probs", "guide_draws"]
 
 
 def guide_draws(guide, batch: dict, *, num_samples: int) -> list[dict[str, torch.Tensor]]:
@@ -87,16 +87,21 @@ def _stacked_sample_probs(model, draws: list[dict], batches: list[dict], *, draw
 
 
 @torch.no_grad()
-def posterior_mean_probs(model, guide, batches: Iterable[dict]) -> torch.Tensor:
-    """Class probabilities with every A at its posterior mean: ``(n, K)``."""
+def posterior_mean_logits(model, guide, batches: Iterable[dict]) -> torch.Tensor:
+    """Class logits with every A at its posterior mean: ``(n, K)`` float32 on the CPU, rows in batch order."""
     means = guide.posterior_mean()
     batches = list(batches)
     chunks = []
     for b in tqdm(batches, desc="posterior mean", file=sys.stderr, leave=False, disable=len(batches) < 2):
         with poutine.block(), poutine.condition(data=means):
             logits = model.class_logits(b["input_ids"], b["attention_mask"], **extra_batch_inputs(b))
-        chunks.append(torch.softmax(logits, -1).float().cpu())
+        chunks.append(logits.float().cpu())
     return torch.cat(chunks, dim=0)
+
+
+def posterior_mean_probs(model, guide, batches: Iterable[dict]) -> torch.Tensor:
+    """Class probabilities with every A at its posterior mean: ``(n, K)``."""
+    return torch.softmax(posterior_mean_logits(model, guide, batches), -1)
 
 
 def predict_probs(model, guide, batches: Iterable[dict], *, num_samples: int, draws_per_pass: int = 1) -> torch.Tensor:

@@ -26,6 +26,7 @@ import torch
 from pyro.nn import PyroModule, PyroSample
 from torch import nn
 
+from .flipout_signs import flipout_signs
 from .priors import Prior
 
 __all__ = ["BayesianLoRALinear", "lora_init_A"]
@@ -219,8 +220,7 @@ class BayesianLoRALinear(PyroModule):
             sign_shape_in, sign_shape_out = lead + h.shape[-1:], lead + (self.rank,)
         else:
             raise ValueError(f"flipout must be None, 'token' or 'sequence', got {self.flipout!r}")
-        sign_in = torch.empty(sign_shape_in, dtype=h.dtype, device=h.device).bernoulli_(0.5).mul_(2).sub_(1)
-        sign_out = torch.empty(sign_shape_out, dtype=h.dtype, device=h.device).bernoulli_(0.5).mul_(2).sub_(1)
+        sign_in, sign_out = flipout_signs(sign_shape_in, h), flipout_signs(sign_shape_out, h)
         mean = h @ loc.transpose(-1, -2)
         perturbation = ((h * sign_in) @ noise.transpose(-1, -2)) * sign_out
         return mean + perturbation

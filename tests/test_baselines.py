@@ -215,6 +215,7 @@ def _args(model_dir, task, out, *extra):
     (["--guide", "meanfield", "--prior", "hierarchical"], "samples_2"),
     (["--guide", "lowrank", "--bayesian-sites", "lm_head"], "samples_2"),
     (["--guide", "map"], "mean"),
+    (["--method", "temperature", "--guide", "mle", "--num-calibration", "4"], "mean"),
 ])
 def test_every_method_runs_from_the_cli(tmp_path, tiny_causal_lm_dir, extra, mode):
     from blob_pyro.baselines.common import load_predictions

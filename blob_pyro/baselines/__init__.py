@@ -8,6 +8,8 @@ files as a training run (``config.json``, ``metrics.json``, ``predictions.npz``,
 * ``ensemble``: ``--ensemble-size`` independently seeded runs, probabilities averaged (Lakshminarayanan 2017).
 * ``laplace``: post-hoc Laplace (diagonal or KFAC) over the LoRA parameters of a MAP/MLE run (Yang et al. 2024).
 * ``tfb``: training-free Bayesianization of a MAP/MLE run (Shi et al. 2024, arXiv 2412.05723).
+* ``temperature``: post-hoc temperature scaling of any run's posterior-mean logits, T fitted on its
+  calibration split (Guo et al. 2017).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ METHODS = {
     "ensemble": "blob_pyro.baselines.ensemble",
     "laplace": "blob_pyro.baselines.laplace",
     "tfb": "blob_pyro.baselines.tfb",
+    "temperature": "blob_pyro.baselines.temperature",
 }
 
 

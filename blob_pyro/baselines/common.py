@@ -88,7 +88,9 @@ def load_run(run_dir, *, network=None, tokenizer=None, device: Optional[str] = N
     """Rebuild model, guide and tokenized data of the run in ``run_dir`` and restore its parameters.
 
     :param network, tokenizer: a fresh (never adapted) pretrained network and its tokenizer, to skip
-        loading them again; default: loaded from the run's config.
+        loading them again (a sequence classifier's must have been loaded right after
+        ``pyro.set_rng_seed(run seed)``, or its frozen random head differs from the run's); default: loaded
+        from the run's config.
     :param device: where to rebuild it (default: the run's ``--device``). :param dtype: of the frozen base
         (default: the run's ``--base-dtype``).
     """
@@ -100,6 +102,9 @@ def load_run(run_dir, *, network=None, tokenizer=None, device: Optional[str] = N
     run_dir = Path(run_dir)
     cfg = TrainConfig.load(run_dir / "config.json")
     pyro.clear_param_store()
+    # A sequence classifier's new head is drawn at load time and frozen, and not saved with the adapters:
+    # seeding as train does (same calls in the same order) draws the same head again.
+    pyro.set_rng_seed(cfg.seed)
     device = resolve_device(device or cfg.device)
     task = load_task(cfg)
     split = make_split(cfg, task)
@@ -143,7 +148,7 @@ def write_baseline_run(cfg: TrainConfig, metrics: dict, probs_by_mode: dict, lab
 # Fields that must agree between a baseline and a reused --base-run (what shapes the model, data and seed).
 BASE_RUN_FIELDS = (
     "model", "task", "task_format", "column_mapping", "task_type", "answer_scoring", "num_train", "num_validation",
-    "split_seed", "split_file", "max_length", "target_modules", "rank", "alpha", "seed", "max_steps", "batch_size",
+    "num_calibration", "split_seed", "split_file", "max_length", "target_modules", "rank", "alpha", "seed", "max_steps", "batch_size",
 )
 REUSABLE_SUBDIRS = ("base", "member_0")
 
@@ -155,7 +160,7 @@ def check_base_run(cfg: TrainConfig, base_dir, **overrides) -> Path:
     for name in ("config.json", "metrics.json", "adapter.safetensors"):
         if not (base_dir / name).exists():
             raise ValueError(f"--base-run {base_dir}: no {name}; point it at a finished python -m blob_pyro.train run directory")
-    recorded = json.loads((base_dir / "config.json").read_text())
+    recorded = {"num_calibration": 0, **json.loads((base_dir / "config.json").read_text())}  # older runs: no calibration
     expected = {**cfg.to_dict(), **overrides}
     fields = [*BASE_RUN_FIELDS, "guide", "lora_dropout"]
     differ = {f: (recorded.get(f), expected.get(f)) for f in fields if recorded.get(f) != expected.get(f)}

@@ -20,7 +20,7 @@ from blob_pyro.data.prompts import (
     classification_text,
     format_prompt,
 )
-from blob_pyro.data.splits import Split, load_split_file, stratified_sample, stratified_split
+from blob_pyro.data.splits import Split, carve_calibration, load_split_file, stratified_sample, stratified_split
 from blob_pyro.data.tabular import ColumnMapping, load_tabular
 from blob_pyro.data.task_spec import load_task_spec, task_spec_name
 
@@ -36,6 +36,7 @@ __all__ = [
     "Split",
     "answer_label_strings",
     "answer_token_ids",
+    "carve_calibration",
     "choices_block",
     "classification_text",
     "encode_multiple_choice",

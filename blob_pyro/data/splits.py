@@ -1,7 +1,8 @@
 """Seeded, stratified train/validation splits, recorded as index lists.
 
 BIG-bench tasks ship without a train/test split, so every run makes (or reads) one and records it
-in its run directory with :meth:`Split.to_dict`.
+in its run directory with :meth:`Split.to_dict`. A calibration split for post-hoc methods (temperature
+scaling) is carved out of the training examples by :func:`carve_calibration`, never out of validation.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ import json
 import os
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,40 +26,45 @@ STRATIFIED_PROCEDURE = (
 
 @dataclass(frozen=True)
 class Split:
-    """Disjoint train and validation index lists.
+    """Disjoint train, validation and (optional) calibration index lists.
 
     Attributes:
         train: Indices of the training examples, in training order.
         validation: Indices of the validation examples.
         seed: Seed of the generator that made the split.
         procedure: Human-readable description of how the split was made.
+        calibration: Indices of held-out training examples for post-hoc calibration (empty: none).
     """
 
     train: list[int]
     validation: list[int]
     seed: int
     procedure: str
+    calibration: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        overlap = set(self.train) & set(self.validation)
-        if overlap:
-            raise ValueError(
-                f"train and validation share {len(overlap)} indices (e.g. {sorted(overlap)[:5]}); a split must be disjoint."
-            )
-        for name in ("train", "validation"):
+        for first, second in (("train", "validation"), ("calibration", "train"), ("calibration", "validation")):
+            overlap = set(getattr(self, first)) & set(getattr(self, second))
+            if overlap:
+                raise ValueError(
+                    f"{first} and {second} share {len(overlap)} indices (e.g. {sorted(overlap)[:5]}); a split must be disjoint."
+                )
+        for name in ("train", "validation", "calibration"):
             indices = getattr(self, name)
             if len(set(indices)) != len(indices):
                 raise ValueError(f"Split.{name} contains repeated indices; each example may appear once.")
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-able record: ``train``, ``validation``, ``seed``, ``procedure`` and the two sizes."""
+        """JSON-able record: ``train``, ``validation``, ``calibration``, ``seed``, ``procedure`` and the sizes."""
         return {
             "seed": int(self.seed),
             "procedure": self.procedure,
             "num_train": len(self.train),
             "num_validation": len(self.validation),
+            "num_calibration": len(self.calibration),
             "train": [int(i) for i in self.train],
             "validation": [int(i) for i in self.validation],
+            "calibration": [int(i) for i in self.calibration],
         }
 
     def remap(self, mapping: Sequence[int] | Mapping[int, int]) -> Split:
@@ -73,6 +79,7 @@ class Split:
                 validation=[int(mapping[i]) for i in self.validation],
                 seed=self.seed,
                 procedure=self.procedure,
+                calibration=[int(mapping[i]) for i in self.calibration],
             )
         except (KeyError, IndexError) as error:
             raise ValueError(f"Split index {error} has no entry in the mapping.") from error
@@ -159,7 +166,7 @@ def _seed_of(data: Mapping[str, Any], path: Path) -> int:
 
 
 def load_split_file(path: str | os.PathLike[str], *, file_indices: Sequence[int] | None = None) -> Split:
-    """Read a recorded split (keys ``train``, ``validation``, ``procedure``; optional ``seed``).
+    """Read a recorded split (keys ``train``, ``validation``, ``procedure``; optional ``seed``, ``calibration``).
 
     Args:
         path: JSON file, e.g. ``shared/data/splits/social_iqa_640_400_seed0.json``.
@@ -182,6 +189,7 @@ def load_split_file(path: str | os.PathLike[str], *, file_indices: Sequence[int]
         validation=[int(i) for i in data["validation"]],
         seed=_seed_of(data, path),
         procedure=str(data["procedure"]),
+        calibration=[int(i) for i in data.get("calibration", [])],
     )
     if file_indices is None:
         return split
@@ -209,3 +217,44 @@ def stratified_sample(labels: Sequence[int], *, size: int, seed: int) -> list[in
     for k, share in zip(classes, shares):
         chosen.extend(rng.permutation(np.flatnonzero(labels_array == k))[:share].tolist())
     return sorted(int(i) for i in chosen)
+
+
+CALIBRATION_PROCEDURE = (
+    "; calibration: stratified_sample(seed={seed}) of {size} of the training examples, removed from train "
+    "(the remaining training order kept)"
+)
+
+
+def carve_calibration(split: Split, labels: Sequence[int], *, size: int, seed: int) -> Split:
+    """``split`` with ``size`` of its training examples moved to ``calibration``.
+
+    The calibration examples are :func:`stratified_sample` ``(seed=seed)`` of the training positions'
+    labels, so class shares follow the training split's; train keeps its order minus those examples;
+    validation is untouched (a run with and without calibration is evaluated on the same examples).
+
+    Args:
+        split: A split without calibration examples.
+        labels: Class of every example of the task, shape ``(n,)`` (``split`` indexes it).
+        size: Number of calibration examples, ``1 <= size < len(split.train)``.
+        seed: Seed of the sample (runs use ``--split-seed``).
+    """
+    if split.calibration:
+        raise ValueError(
+            f"the split already has {len(split.calibration)} calibration examples; carve calibration once"
+        )
+    if not 1 <= size < len(split.train):
+        raise ValueError(
+            f"cannot carve {size} calibration examples out of {len(split.train)} training examples: "
+            f"it needs 1 <= num_calibration < the training split's size; lower --num-calibration or raise --num-train."
+        )
+    train_labels = [labels[i] for i in split.train]
+    chosen = stratified_sample(train_labels, size=size, seed=seed)
+    calibration = [split.train[i] for i in chosen]
+    taken = set(calibration)
+    return Split(
+        train=[i for i in split.train if i not in taken],
+        validation=list(split.validation),
+        seed=split.seed,
+        procedure=split.procedure + CALIBRATION_PROCEDURE.format(seed=seed, size=size),
+        calibration=calibration,
+    )

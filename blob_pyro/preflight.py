@@ -145,6 +145,11 @@ def check_base_run_dir(cfg: TrainConfig) -> None:
 
     if cfg.base_run and cfg.method != "svi":
         try:
+            if cfg.method == "temperature":  # the likely mistake first, with its fix
+                from blob_pyro.baselines.temperature import require_calibration_split
+
+                if Path(cfg.base_run).is_dir():
+                    require_calibration_split(cfg.base_run)
             check_base_run(cfg, cfg.base_run)
         except ValueError as err:
             raise PreflightError(str(err)) from None

@@ -42,6 +42,7 @@ METHODS = {
     "tfb": (["--method", "tfb", "--guide", "mle", "--tfb-anchor-size", "8", "--tfb-search-steps", "2", "--tfb-min-std", "1e-3",
              "--tfb-nll-tolerance", "0.5"], "samples_3"),
     "laplace": (["--method", "laplace", "--guide", "map", "--laplace-examples", "4"], "samples_3"),
+    "temperature": (["--method", "temperature", "--guide", "mle", "--num-calibration", "4"], "mean"),
     "laplace_probit": (["--method", "laplace", "--guide", "map", "--laplace-hessian", "kfac", "--laplace-examples", "4",
                         "--laplace-predictive", "probit"], "probit"),
 }
@@ -86,6 +87,8 @@ def test_evaluate_and_eval_tasks_work_for_every_method(method, tasks, model_dir,
         assert block["probit"]["nll"] == pytest.approx(trained["probit"]["nll"], abs=1e-5)
         assert block["mean"]["nll"] == pytest.approx(trained["mean"]["nll"], abs=1e-5)
         assert "linearised_3" in block
+    elif method == "temperature":  # the base run's point estimate with its logits divided by T
+        assert block["mean"]["nll"] == pytest.approx(trained["mean"]["nll"], abs=1e-5) and "samples_3" not in block
     else:  # the point estimate (N = 0) is the base run's; the draws are the method's
         assert block["mean"]["nll"] == pytest.approx(trained["mean"]["nll"], abs=1e-5)
         assert "samples_3" in block
@@ -97,7 +100,7 @@ def test_evaluate_and_eval_tasks_work_for_every_method(method, tasks, model_dir,
     if method in ("ensemble", "mc_dropout", "laplace_probit"):  # draws that differ: epistemic > 0
         assert max(r["epistemic"] for r in rows) > 0
     idata = load_inference_data(out / "inference_data_ood.nc")
-    assert idata.posterior_predictive["probs"].shape[1] == (2 if method == "ensemble" else 3)  # draws
+    assert idata.posterior_predictive["probs"].shape[1] == {"ensemble": 2, "temperature": 1}.get(method, 3)  # draws
     assert idata.attrs["method"] == ("laplace" if method.startswith("laplace") else method)
     for name in ("reliability_colours.png", "reliability_ood.png", "uncertainty_histograms.png", "accuracy_coverage.png"):
         assert (out / "plots" / name).read_bytes()[:4] == b"\x89PNG"

@@ -100,8 +100,11 @@ def test_a_sigkilled_overwrite_subprocess_leaves_no_run_that_looks_finished(fini
     try:
         deadline = time.time() + 120
         while time.time() < deadline:  # the new run has cleared the old one and started training
-            log = out / "train_log.jsonl"
-            if log.exists() and log.stat().st_size > 0 and '"max_steps": 100000' in (out / "config.json").read_text():
+            try:  # the old run's files disappear while the new run clears the folder
+                started = (out / "train_log.jsonl").stat().st_size > 0 and '"max_steps": 100000' in (out / "config.json").read_text()
+            except FileNotFoundError:
+                started = False
+            if started:
                 break
             assert process.poll() is None, "the training subprocess ended early"
             time.sleep(0.1)

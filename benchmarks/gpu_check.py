@@ -29,11 +29,14 @@ import argparse
 import statistics
 import sys
 import time
-from dataclasses import dataclass
+from pathlib import Path
 
 import pyro
 import torch
 from pyro import poutine
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # memory_table.py beside this script
+from memory_table import LlamaShape as Shape  # noqa: E402  (the shapes: one definition for both scripts)
 
 from blob_pyro.evaluation.predictive import guide_draws, sample_probs
 from blob_pyro.guides import make_guide
@@ -43,24 +46,6 @@ from blob_pyro.objectives import ELBOObjective, KLWeighting
 TARGETS = ["q_proj", "v_proj", "lm_head"]
 ANSWER_TOKENS = [10, 11, 12]
 NUM_SAMPLES = 10
-
-
-@dataclass(frozen=True)
-class Shape:
-    name: str
-    hidden: int
-    intermediate: int
-    layers: int
-    heads: int
-    kv_heads: int
-    vocab: int
-
-    def config(self):
-        from transformers import LlamaConfig
-
-        return LlamaConfig(vocab_size=self.vocab, hidden_size=self.hidden, intermediate_size=self.intermediate,
-                           num_hidden_layers=self.layers, num_attention_heads=self.heads, num_key_value_heads=self.kv_heads,
-                           max_position_embeddings=2048, tie_word_embeddings=False)
 
 
 SMOLLM2_SHAPE = Shape("SmolLM2-135M", hidden=576, intermediate=1536, layers=30, heads=9, kv_heads=3, vocab=49152)

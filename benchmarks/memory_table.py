@@ -61,6 +61,14 @@ class LlamaShape:
     def kv_width(self) -> int:
         return self.kv_heads * self.head_dim
 
+    def config(self, *, max_position_embeddings: int = 2048):
+        """A ``transformers.LlamaConfig`` of this shape (for random models of it)."""
+        from transformers import LlamaConfig
+
+        return LlamaConfig(vocab_size=self.vocab, hidden_size=self.hidden, intermediate_size=self.intermediate,
+                           num_hidden_layers=self.layers, num_attention_heads=self.heads, num_key_value_heads=self.kv_heads,
+                           max_position_embeddings=max_position_embeddings, tie_word_embeddings=self.tied_embeddings)
+
     def linear_shapes(self) -> dict[str, tuple[int, int]]:
         """``{name: (in_features, out_features)}`` of one decoder layer's linears."""
         h, kv, i = self.hidden, self.kv_width, self.intermediate

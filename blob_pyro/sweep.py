@@ -8,7 +8,9 @@ reused and unfinished ones resumed (compare's rules), so rerunning the same comm
 sweep; several sweeps with disjoint ``--methods`` or ``--seeds`` may run side by side on one output folder.
 
 Outputs in ``<output-dir>``: ``sweep.csv`` / ``sweep.md`` (one row per method, prediction mode and E: mean and
-std over the finished seeds of ACC %, ECE % (15 bins), NLL, Brier) and ``sweep.png``: ACC, ECE and NLL
+std over the finished seeds of ACC %, ECE % (15 bins), NLL, Brier; for BLoB-guide runs the posterior's std of A
+(min / median / max over all entries) and the median over layers of the noise / mean weight-update ratio
+of :func:`blob_pyro.evaluation.weight_space.update_spread`; the mean training wall time) and ``sweep.png``: ACC, ECE and NLL
 against epochs, one line per method (dashed: a sampling method's posterior-mean pass, N = 0), the band
 spanning the seeds' min to max.
 """
@@ -24,10 +26,12 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
+import torch
+
 from blob_pyro import compare
 from blob_pyro.config import TrainConfig
 
-__all__ = ["main", "steps_for_epochs", "training_set_size", "collect", "plot_sweep"]
+__all__ = ["main", "steps_for_epochs", "training_set_size", "collect", "plot_sweep", "posterior_summary"]
 
 PANELS = [("acc", "ACC %"), ("ece", "ECE % (15 bins)"), ("nll", "NLL")]
 
@@ -74,8 +78,40 @@ def collect(output_dir: Path, epochs: Sequence[float], methods: Sequence[str], s
                     per_seed.append(metrics[row["mode"]])
                 for key, _, factor in compare.METRICS:
                     row[f"{key}_values"] = [m[key] * factor for m in per_seed]
+                first = compare.run_dir(folder, method, compare.finished_seeds(folder, method, seeds)[0])
+                row.update(posterior_summary(first) or {})
             rows.append(row)
     return rows
+
+
+def posterior_summary(run_dir: Path) -> Optional[dict]:
+    """The std of A (``G^2``: BLoB's parameterisation, Wang et al. 2024 section 3.2) over every entry, and the
+    median over layers of the sampled / mean weight-update ratio, read from a finished run's
+    ``guide.safetensors`` and ``adapter.safetensors``; ``None`` for a guide without ``std_roots`` (e.g. MLE)."""
+    from safetensors.torch import load_file
+
+    from blob_pyro.evaluation.weight_space import update_spread
+
+    run_dir = Path(run_dir)
+    if not (run_dir / "guide.safetensors").is_file():
+        return None
+    guide = load_file(run_dir / "guide.safetensors")
+
+    def by_site(prefix: str) -> dict:
+        return {k[len(prefix):].removesuffix("_unconstrained"): v for k, v in guide.items()
+                if k.startswith(prefix) and k.removesuffix("_unconstrained").endswith(".lora_A")}
+
+    roots, locs = by_site("std_roots."), by_site("locs.")
+    if not roots or set(roots) != set(locs):
+        return None
+    cfg = json.loads((run_dir / "config.json").read_text())
+    adapter = load_file(run_dir / "adapter.safetensors")
+    stds = {site: root.double() ** 2 for site, root in roots.items()}
+    every = torch.cat([std.flatten() for std in stds.values()])
+    ratios = sorted(update_spread(adapter[site.removesuffix("lora_A") + "lora_B"], locs[site], stds[site],
+                                  scaling=cfg["alpha"] / cfg["rank"])["ratio"] for site in stds)
+    return {"std_min": float(every.min()), "std_median": float(every.median()), "std_max": float(every.max()),
+            "noise_to_mean_median": ratios[len(ratios) // 2]}
 
 
 def write_sweep_tables(output_dir: Path, rows: list[dict], *, header: str = "") -> str:
@@ -86,11 +122,16 @@ def write_sweep_tables(output_dir: Path, rows: list[dict], *, header: str = "") 
         writer.writeheader()
         writer.writerows(rows)
     lines = [header, ""] if header else []
-    lines += ["| epochs | method | mode | seeds | n | " + " | ".join(label for _, label, _ in compare.METRICS) + " |",
-              "|---|---|---|---|---|" + "---|" * len(compare.METRICS)]
+    lines += ["| epochs | method | mode | seeds | n | " + " | ".join(label for _, label, _ in compare.METRICS)
+              + " | std of A min / median / max (first seed) | noise / mean update (median layer) | wall s (all seeds) |",
+              "|---|---|---|---|---|" + "---|" * len(compare.METRICS) + "---|---|---|"]
     for r in rows:
         cells = [compare._fmt(r[f"{k}_mean"], r[f"{k}_std"], 2 if k in ("acc", "ece") else 3) for k, _, _ in compare.METRICS]
-        lines.append(f"| {r['epochs']:g} | {r['method']} | {r['mode']} | {r['seeds']} | {r['n']} | " + " | ".join(cells) + " |")
+        std = f"{r['std_min']:.4f} / {r['std_median']:.4f} / {r['std_max']:.4f}" if "std_min" in r else ""
+        ratio = f"{r['noise_to_mean_median']:.2f}" if "noise_to_mean_median" in r else ""
+        wall = f"{r['wall_seconds']:.0f}" if math.isfinite(r.get("wall_seconds", float("nan"))) else ""
+        lines.append(f"| {r['epochs']:g} | {r['method']} | {r['mode']} | {r['seeds']} | {r['n']} | " + " | ".join(cells)
+                     + f" | {std} | {ratio} | {wall} |")
     text = "\n".join(lines) + "\n"
     (Path(output_dir) / "sweep.md").write_text(text)
     return text

@@ -66,3 +66,23 @@ def test_sweep_refuses_max_steps_and_bad_epochs(tmp_path):
         sweep.main(["--epochs", "1", "--methods", "mle", "--output-dir", str(tmp_path), "--max-steps", "5"])
     with pytest.raises(SystemExit):
         sweep.main(["--epochs", "0,2", "--methods", "mle", "--output-dir", str(tmp_path)])
+
+
+def test_posterior_summary_reads_the_std_and_the_update_ratio_from_the_run_files(tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    site = "model.layers.0.q_proj.lora_A"
+    G = torch.tensor([[0.1, 0.2], [0.3, 0.4]])  # std = G^2 = 0.01, 0.04, 0.09, 0.16
+    M = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    B = torch.tensor([[2.0, 0.0], [0.0, 0.0]])
+    save_file({f"locs.{site}_unconstrained": M, f"std_roots.{site}_unconstrained": G}, tmp_path / "guide.safetensors")
+    save_file({"model.layers.0.q_proj.lora_B": B}, tmp_path / "adapter.safetensors")
+    (tmp_path / "config.json").write_text(json.dumps({"alpha": 4.0, "rank": 2}))
+    summary = sweep.posterior_summary(tmp_path)
+    assert (summary["std_min"], summary["std_max"]) == pytest.approx((0.01, 0.16))
+    assert summary["std_median"] == pytest.approx(0.04)  # torch's median of 4 values: the lower middle one
+    # scaling 2: mean update ||2 B M||_F = 4; random part RMS = 2 * sqrt(||B_0||^2 * (0.01^2 + 0.04^2)) = 4 * sqrt(0.0017)
+    assert summary["noise_to_mean_median"] == pytest.approx((0.0017 ** 0.5))
+    save_file({"values.x.lora_A_unconstrained": M}, tmp_path / "guide.safetensors")
+    assert sweep.posterior_summary(tmp_path) is None  # a point estimate has no std

@@ -32,6 +32,7 @@ import torch
 from pyro import poutine
 
 from blob_pyro.evaluation.metrics import classification_metrics
+from blob_pyro.models.adapt import with_random_B
 from blob_pyro.models.bayesian_model import extra_batch_inputs
 from blob_pyro.evaluation.predictive import sample_probs
 
@@ -167,16 +168,16 @@ def run(cfg) -> dict:
     start = time.perf_counter()
     base = train_base_run(cfg, "base")
     loaded = load_run(base)
-    model, data = loaded.model, loaded.data
+    data = loaded.data
     from blob_pyro.assembly import batches as make_batches
 
-    # theta* = (A, B) of every adapter as leaf tensors; B becomes a (conditioned) sample site
+    # theta* = (A, B) of every adapter as leaf tensors, in a model rebuilt with B a (conditioned) sample site
     means = loaded.guide.posterior_mean()
+    model = with_random_B(loaded.model)
     theta = {}
     for site, layer in model.adapters.items():
         theta[site] = means[site].detach().clone().requires_grad_(True)
         theta[layer.site_name_B] = layer.lora_B.detach().clone().requires_grad_(True)
-        layer.set_guide_options(bayesian_B=True)
     names, params = list(theta), list(theta.values())
 
     def logits_fn(example):

@@ -22,10 +22,8 @@ from blob_pyro.data import (
     stratified_split,
 )
 from blob_pyro.data.choice_scoring import EncodedChoices, encode_choice_continuations, iterate_choice_batches
-from blob_pyro.guides import make_guide
-from blob_pyro.models import (
-    AnswerTokenHead, BayesianLoRAModel, ChoiceLikelihoodHead, SequenceClassificationHead, bayesianize, make_prior,
-)
+from blob_pyro.guides import GUIDES, make_guide
+from blob_pyro.models import AnswerTokenHead, BayesianLoRAModel, ChoiceLikelihoodHead, SequenceClassificationHead, bayesianize
 from blob_pyro.models.bayesian_model import extra_batch_inputs
 from blob_pyro.objectives import ELBOObjective, KLWeighting, ParityObjective
 from blob_pyro.schedules import kl_cycle_length
@@ -277,12 +275,10 @@ def build_model(cfg: TrainConfig, network, data: TaskData) -> BayesianLoRAModel:
     choice layout the network is first probed (:func:`check_shared_prompt_support`)."""
     if cfg.task_type == "causal_lm" and not uses_answer_letters(cfg) and data.choice_layout == "shared_prompt":
         check_shared_prompt_support(network, model_name=f"--model {cfg.model}")
-    prior_options = {"scale": cfg.prior_scale}
-    if cfg.prior == "student_t":
-        prior_options["df"] = cfg.prior_df
+    guide_class = GUIDES.get(cfg.guide)  # a family over B (meanfield) needs B built as a sample site
     bayesianize(
-        network, cfg.target_module_spec, rank=cfg.rank, alpha=cfg.alpha, prior=make_prior(cfg.prior, **prior_options),
-        dropout=cfg.lora_dropout,
+        network, cfg.target_module_spec, rank=cfg.rank, alpha=cfg.alpha, prior=cfg.build_prior(), dropout=cfg.lora_dropout,
+        bayesian_sites=cfg.bayesian_sites, random_B=guide_class is not None and guide_class.random_B is True,
     )
     if uses_answer_letters(cfg):
         head = AnswerTokenHead(data.answer_token_ids)
@@ -309,8 +305,6 @@ def build_guide(cfg: TrainConfig, model: BayesianLoRAModel, *, init_loc_fn=None)
     options = {key: getattr(cfg, field) for key, field in GUIDE_OPTIONS.get(cfg.guide, {}).items()}
     if init_loc_fn is not None:
         options["init_loc_fn"] = init_loc_fn
-    if cfg.bayesian_sites:
-        options["sites"] = cfg.bayesian_sites
     return make_guide(cfg.guide, model, **options)
 
 

@@ -73,13 +73,14 @@ class TrainConfig:
     rank: int = _f(8, "LoRA rank r")
     alpha: float = _f(16.0, "LoRA alpha (update scaled by alpha / r)")
     lora_dropout: float = _f(0.0, "LoRA dropout on the adapter input")
-    prior: str = _f("normal", "prior over LoRA A: normal, laplace, student_t, or hierarchical (normal whose scale is learned by empirical Bayes, starting at --prior-scale)", ["normal", "laplace", "student_t", "hierarchical"])
+    prior: str = _f("normal", "prior over LoRA A: a registered name (normal, laplace, student_t, hierarchical: normal whose scale is learned by empirical Bayes, starting at --prior-scale), or an import path module:callable called with --prior-kwargs: a pyro.distributions class (each element i.i.d., e.g. pyro.distributions:StudentT) or a function returning a blob_pyro.models.Prior or a scalar distribution")
+    prior_kwargs: Optional[str] = _f(None, "import-path --prior only: its keyword arguments as a JSON object, e.g. '{\"df\": 3, \"loc\": 0, \"scale\": 0.2}'")
     prior_scale: float = _f(0.2, "prior scale (BLoB: 0.2)")
     prior_df: float = _f(3.0, "degrees of freedom of the student_t prior")
 
     # Variational family and objective
     guide: str = _f("blob", "variational family: blob (Bayesian A, deterministic B), meanfield (Bayesian A and B, 'BBB'), map (point estimate with the prior), mle (plain LoRA), normal (AutoNormal over A), lowrank (AutoLowRankMultivariateNormal over A), or any autoguide as 'module:Class' (e.g. pyro.infer.autoguide:AutoDiagonalNormal)")
-    bayesian_sites: Optional[str] = _f(None, "regex (re.search) of the LoRA-A sites the guide covers, e.g. 'lm_head'; the other adapters are deterministic plain-LoRA layers (no prior term). Unset: all")
+    bayesian_sites: Optional[str] = _f(None, "regex (re.search) of the LoRA-A sites that are Bayesian, e.g. 'lm_head' (fixed when the model is built; the guide covers exactly these); the other adapters are deterministic plain-LoRA layers (no prior term). Unset: all")
     guide_rank: int = _f(8, "lowrank guide: rank of the covariance factor")
     init_scale: float = _f(0.0025, "normal/lowrank guides: initial posterior scale (BLoB's initial std is eps^2 = 0.0025)")
     method: str = _f("svi", "svi: train the --guide by SVI. Baselines (blob_pyro.baselines): mc_dropout (LoRA dropout kept on at test, --eval-samples passes; needs --lora-dropout > 0), ensemble (--ensemble-size runs of --guide with seeds seed, seed+1000, ...; probabilities averaged), laplace (post-hoc Laplace over the LoRA parameters of a --guide map/mle run), tfb (training-free Bayesianization of a --guide map/mle run), temperature (post-hoc temperature scaling of the posterior-mean logits of any run, one T fitted by NLL on its --num-calibration examples)", ["svi", "mc_dropout", "ensemble", "laplace", "tfb", "temperature"])
@@ -209,8 +210,33 @@ class TrainConfig:
             raise ValueError("--scale-lr-factor applies to --objective elbo; the parity rule steps G by SGD at --kllr")
         if self.init_from_peft is not None:
             self._check_init_from_peft()
-        if self.objective == "parity" and (self.bayesian_sites or self.prior == "hierarchical"):
-            raise ValueError("--objective parity supports neither --bayesian-sites nor --prior hierarchical; use --objective elbo")
+        prior = self.build_prior()  # raises for an unknown name, a failed import or bad --prior-kwargs
+        if self.objective == "parity":
+            from blob_pyro.models.priors import parity_support
+
+            if self.bayesian_sites:
+                raise ValueError("--objective parity does not support --bayesian-sites; use --objective elbo")
+            reason = parity_support(prior)
+            if reason is not None:
+                raise ValueError(f"--objective parity cannot use --prior {self.prior}: {reason}. It supports priors with a "
+                                 "closed-form KL against a Normal guide and no learned parameters (normal, laplace, or an "
+                                 "import path to such a distribution); use --objective elbo with this prior")
+
+    def build_prior(self):
+        """The prior named by ``--prior`` (with ``--prior-scale``/``--prior-df`` or ``--prior-kwargs``)."""
+        import json
+
+        from blob_pyro.models.priors import resolve_prior
+
+        kwargs = None
+        if self.prior_kwargs:
+            try:
+                kwargs = json.loads(self.prior_kwargs)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"--prior-kwargs must be a JSON object such as '{{\"scale\": 0.2}}', got {self.prior_kwargs!r} ({err})") from None
+            if not isinstance(kwargs, dict):
+                raise ValueError(f"--prior-kwargs must be a JSON object such as '{{\"scale\": 0.2}}', got {self.prior_kwargs!r}")
+        return resolve_prior(self.prior, kwargs=kwargs, scale=self.prior_scale, df=self.prior_df)
 
     def _check_init_from_peft(self) -> None:
         if not self.init_from_peft.strip():

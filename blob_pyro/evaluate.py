@@ -327,14 +327,14 @@ def evaluate(cfg: EvaluateConfig) -> dict:
     uncertainty_histograms(parts, plots / "uncertainty_histograms.png", id_task=id_name,
                            num_classes={t.name: t.task.num_choices for t in tasks}, title=f"Uncertainty, ID ({id_name}) vs OOD; {title}")
     accuracy_coverage_plot(curves, plots / "accuracy_coverage.png", title=f"Selective prediction ({title})")
-    if guide is not None and hasattr(guide, "scale") and guide.site_names:
+    if guide is not None and guide.has_loc_and_scale():
         with torch.no_grad():
-            stds = {site: guide.scale(site).float().cpu().numpy() for site in guide.site_names}
+            stds = {site: guide.loc_and_scale(site)[1].float().cpu().numpy() for site in guide.site_names}
         summary["posterior_std"] = {site: {"mean": float(s.mean()), "median": float(np.median(s)), "max": float(s.max())}
                                     for site, s in stds.items()}
         posterior_std_per_layer(stds, plots / "posterior_std.png", prior_scale=run_cfg.prior_scale,
                                 title=f"Posterior std of LoRA A per layer (guide {run_cfg.guide}, prior {run_cfg.prior})")
-    if guide is not None and hasattr(guide, "loc") and hasattr(guide, "scale") and guide.site_names and not getattr(guide, "bayesian_B", False):
+    if guide is not None and guide.has_loc_and_scale() and not guide.bayesian_B:
         summary["weight_space_spread"] = spread_by_layer(model, guide)
 
     write_json_atomic(out / "uncertainty.json", summary)

@@ -98,12 +98,12 @@ def posterior_mean_adapter(model, guide) -> tuple[dict, dict, dict]:
         path = layer._pyro_name
         lora_A[path] = means[site].float().cpu()
         lora_B[path] = means.get(layer.site_name_B, layer.lora_B).float().cpu()
-    if hasattr(guide, "scale"):
+    if guide.has_loc_and_scale():
         for site in guide.site_names:
             path = model.adapters[site]._pyro_name
-            std[peft_key(path, "lora_A", "std")] = guide.scale(site).float().cpu()
-            if getattr(guide, "bayesian_B", False):
-                std[peft_key(path, "lora_B", "std")] = guide.scale(model.adapters[site].site_name_B).float().cpu()
+            std[peft_key(path, "lora_A", "std")] = guide.loc_and_scale(site)[1].float().cpu()
+            if guide.bayesian_B:
+                std[peft_key(path, "lora_B", "std")] = guide.loc_and_scale(model.adapters[site].site_name_B)[1].float().cpu()
     return lora_A, lora_B, std
 
 
@@ -132,7 +132,7 @@ def export(cfg: ExportConfig) -> Path:
     info = {
         "run_dir": str(run_dir.resolve()), "guide": run_cfg.guide, "model": run_cfg.model, "task": run_cfg.task,
         "exported": "posterior mean: A = the guide's mean of A, B = " + (
-            "the guide's mean of B (B is random under this guide)" if getattr(loaded.guide, "bayesian_B", False) else "the trained B"),
+            "the guide's mean of B (B is random under this guide)" if loaded.guide.bayesian_B else "the trained B"),
         "scaling": run_cfg.alpha / run_cfg.rank, "posterior_std_file": POSTERIOR_STD_FILE if (cfg.posterior_std and std) else None,
         "posterior_std_keys": "base_model.model.<module path>.lora_A.std (and .lora_B.std when B is random); layers without an "
                               "entry are deterministic under the guide",

@@ -28,13 +28,14 @@ from pyro import poutine
 from pyro.infer import SVI, Trace_ELBO, TraceMeanField_ELBO
 from torch.distributions import kl_divergence
 
-from blob_pyro.models.bayesian_model import BayesianLoRAModel
+from blob_pyro.models.bayesian_model import BayesianLoRAModel, guide_locs
 
 from .optim import adamw_with_schedule
 from .schedules import kl_reweighting_pi, linear_warmup_decay
 
 __all__ = [
     "ELBOS", "make_elbo", "TermRecordingELBO", "KLWeighting", "ELBOObjective", "ParityObjective", "closed_form_kl",
+    "check_parity_priors",
 ]
 
 ELBOS = {"trace": Trace_ELBO, "meanfield": TraceMeanField_ELBO}
@@ -102,22 +103,39 @@ class KLWeighting:
 def closed_form_kl(model: BayesianLoRAModel, guide, *, dtype=torch.float64) -> torch.Tensor:
     """Sum over adapters of KL(q(A) || p(A)), closed form, element-wise, in ``dtype``.
 
-    Needs a guide with ``loc(site)``/``scale(site)`` (a mean-field Gaussian such as BLoBGuide) and a prior
-    whose KL against a Normal is registered in torch (Normal, Laplace, ...).
+    Needs a guide with per-site Gaussian marginals (``guide.loc_and_scale(site)``, e.g. BLoBGuide) and
+    priors whose KL against a Normal is registered in torch (:func:`check_parity_priors`).
     """
     total = torch.zeros((), dtype=dtype)
     for site, layer in model.adapters.items():
-        loc, scale = guide.loc(site).to(dtype), guide.scale(site).to(dtype)
+        loc, scale = (t.to(dtype) for t in guide.loc_and_scale(site))
         prior = layer.prior.distribution(loc)
         try:
             kl = kl_divergence(torch.distributions.Normal(loc, scale), prior)
         except NotImplementedError:
             raise ValueError(
-                f"no closed-form KL between a Normal guide and {type(layer.prior).__name__}: the parity objective "
+                f"no closed-form KL between a Normal guide and {layer.prior!r}: the parity objective "
                 "needs one; use --objective elbo (Monte Carlo KL) with this prior"
             ) from None
         total = total.to(kl.device) + kl.sum()
     return total
+
+
+def check_parity_priors(model: BayesianLoRAModel) -> None:
+    """Refuse, before any training, a model with a prior the parity rule cannot use.
+
+    The parity objective supports priors with a closed-form KL against a Normal guide and no learned
+    parameters (:func:`blob_pyro.models.priors.parity_support`): ``normal``, ``laplace`` and any
+    ``IIDPrior`` of a distribution registered with ``torch.distributions.kl`` against ``Normal``.
+    :raises ValueError: naming the prior, the reason and the fix.
+    """
+    from blob_pyro.models.priors import parity_support
+
+    for site, layer in model.adapters.items():
+        reason = parity_support(layer.prior)
+        if reason is not None:
+            raise ValueError(f"--objective parity cannot use the prior of {site}: {reason}. It needs a closed-form KL "
+                             "against a Normal (e.g. --prior normal or laplace); use --objective elbo with this prior")
 
 
 def _batch_args(batch: dict):
@@ -146,7 +164,7 @@ class ELBOObjective:
         max_grad_norm: Optional[float] = 1.0, elbo: str = "trace", flipout: Optional[str] = None,
         scale_lr_factor: float = 1.0,
     ):
-        if flipout is not None and not getattr(guide, "provides_flipout_loc", False):
+        if flipout is not None and not guide.provides_flipout_loc:
             raise ValueError(f"flipout needs a guide that provides the mean of A (e.g. 'blob'), not {type(guide).__name__}")
         self.model, self.guide, self.num_data, self.kl, self.flipout = model, guide, num_data, kl, flipout
         self.optim = adamw_with_schedule(
@@ -195,8 +213,11 @@ class ParityObjective:
         weight_decay: float = 0.0, adam_eps: float = 1e-6, warmup_ratio: float = 0.06,
         max_grad_norm: Optional[float] = None, flipout: Optional[str] = "token",
     ):
-        if not (hasattr(guide, "loc") and hasattr(guide, "std_roots")):
+        from blob_pyro.guides import BLoBGuide, MeanFieldGuide
+
+        if not isinstance(guide, BLoBGuide) or isinstance(guide, MeanFieldGuide):
             raise ValueError("the parity objective reproduces BLoB's update and needs the 'blob' guide")
+        check_parity_priors(model)
         self.model, self.guide, self.kl, self.flipout = model, guide, kl, flipout
         means = [guide.loc(site) for site in guide.site_names]
         roots = [p for p in guide.std_roots.parameters()]
@@ -223,9 +244,12 @@ class ParityObjective:
     def negative_log_likelihood(self, batch: dict) -> torch.Tensor:
         """Batch-mean NLL with one draw of every A from the guide (flipout as configured)."""
         input_ids, attention_mask, labels, _ = _batch_args(batch)
-        draws = self.guide(kl_weight=1.0, flipout=self.flipout)
+        with poutine.trace() as recorded:
+            draws = self.guide(kl_weight=1.0)
+        locs = guide_locs(recorded.trace)  # M of every drawn A, for flipout
         with poutine.block(), poutine.condition(data=draws):
-            logits = self.model.class_logits(input_ids, attention_mask, flipout=self.flipout, **_head_inputs(batch))
+            logits = self.model.class_logits(input_ids, attention_mask, flipout=self.flipout, flipout_locs=locs,
+                                             **_head_inputs(batch))
         return torch.nn.functional.cross_entropy(logits, labels)
 
     def step(self, batch: dict, step: int) -> dict:

@@ -50,16 +50,17 @@ def update_spread(B: torch.Tensor, loc: torch.Tensor, std: torch.Tensor, *, scal
 
 
 def spread_by_layer(model, guide) -> dict[str, dict[str, float]]:
-    """:func:`update_spread` for every A site of ``guide`` (a guide with ``loc(site)`` and ``scale(site)``,
-    e.g. ``BLoBGuide``; not one that samples B) on ``model`` (a :class:`~blob_pyro.models.BayesianLoRAModel`), keyed by site."""
-    if not (hasattr(guide, "loc") and hasattr(guide, "scale")):
+    """:func:`update_spread` for every A site of ``guide`` (a guide with per-site Gaussian marginals,
+    ``guide.loc_and_scale(site)``, e.g. ``BLoBGuide``; not one that samples B) on ``model`` (a
+    :class:`~blob_pyro.models.BayesianLoRAModel`), keyed by site."""
+    if not guide.has_loc_and_scale():
         raise ValueError(f"{type(guide).__name__} has no per-site loc/scale: weight-space spread needs a Gaussian guide such as 'blob'")
-    if getattr(guide, "bayesian_B", False):
+    if guide.bayesian_B:
         raise ValueError(f"{type(guide).__name__} samples B too; this measure assumes B deterministic (the 'blob' guide)")
     adapters: Mapping = model.adapters
     out = {}
     with torch.no_grad():
         for site in guide.site_names:
             layer = adapters[site]
-            out[site] = update_spread(layer.lora_B, guide.loc(site), guide.scale(site), scaling=layer.scaling)
+            out[site] = update_spread(layer.lora_B, *guide.loc_and_scale(site), scaling=layer.scaling)
     return out

@@ -1,13 +1,14 @@
 """Any ``pyro.infer.autoguide`` class over the LoRA-A sites: ``AutoGuideAdapter(model, AutoNormal, ...)``.
 
-The wrapped autoguide sees a *prior-only* model that draws the covered A sites and nothing else, so its
-prototype trace is built eagerly here (no batch needed: ``load_state_dict`` works before the first call
-and ``Predictive`` without labels works; PYRO_NOTES.md, "Guides"). A's init is the LoRA init
+The wrapped autoguide sees a *prior-only* model: the model's latent sites (:meth:`BayesianLoRAModel.draw_lora_factors`,
+so a random B or a latent site a user adds is covered too) with the deterministic adapters' sites hidden, so
+its prototype trace is built eagerly here (no batch needed: ``load_state_dict`` works before the first call
+and ``Predictive`` without labels works). A's init is the LoRA init
 (``init_to_lora``), not Pyro's ``init_to_feasible`` (A = 0 would give B a zero gradient at B = 0).
 
 The KL weight scales the autoguide's sites (auxiliary latents included) exactly as the model's A sites.
 Note: AutoNormal-style guides put a Delta at the model site, so ``TraceMeanField_ELBO`` falls back to a
-Monte Carlo KL for them (PYRO_NOTES.md).
+Monte Carlo KL for them.
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ import importlib
 import inspect
 
 import torch
-from pyro.infer.autoguide import AutoDelta, AutoGuide
+from pyro import poutine
+from pyro.infer.autoguide import AutoDelta, AutoGuide, AutoNormal
 from pyro.infer.autoguide.initialization import init_to_feasible
 
 from blob_pyro.models.bayesian_model import kl_weight_handler
@@ -48,7 +50,7 @@ class AutoGuideAdapter(LoRAGuide):
 
     :param autoguide_class: an ``AutoGuide`` subclass (``AutoNormal``, ``AutoLowRankMultivariateNormal``,
         ``AutoDelta``, ...) or a ``"module:Class"`` import path.
-    :param sites: regex of the A sites it covers; the other layers are deterministic.
+    :param sites: optional check against the model's Bayesian sites (see :class:`LoRAGuide`).
     :param options: passed to the autoguide constructor (e.g. ``init_scale``, ``rank``).
     """
 
@@ -59,13 +61,15 @@ class AutoGuideAdapter(LoRAGuide):
         self.autoguide_class = autoguide_class
         self.point_estimate = issubclass(autoguide_class, AutoDelta)
         layers = {site: self._adapter(site) for site in self.site_names}
+        hidden = list(self.fixed_site_names)
 
         def init_site(site):
             layer = layers.get(site["name"])
             return init_loc_fn(layer) if layer is not None else init_to_feasible(site)
 
         def prior_model(*args, **kwargs):
-            return {site: layer.sample_A() for site, layer in layers.items()}
+            with poutine.block(hide=hidden):
+                return model.draw_lora_factors(1.0)
 
         if "init_loc_fn" in inspect.signature(autoguide_class.__init__).parameters:
             options.setdefault("init_loc_fn", init_site)
@@ -76,11 +80,18 @@ class AutoGuideAdapter(LoRAGuide):
         # prototype checks); the inner guide is self-contained, so detach it again.
         inner._update_master(None)
 
-    def forward(self, *args, kl_weight: float = 1.0, flipout=None, **kwargs):
+    random_B = None  # covers whatever latent sites the model has
+
+    def forward(self, *args, kl_weight: float = 1.0, **kwargs):
         draws = self.sample_fixed_sites()
         with kl_weight_handler(kl_weight):
             draws.update(self.inner())
         return draws
+
+    def loc_and_scale(self, site: str):
+        if isinstance(self.inner, AutoNormal) and site in self.site_names:
+            return self.inner._get_loc_and_scale(site)
+        return super().loc_and_scale(site)
 
     @torch.no_grad()
     def posterior_mean(self):

@@ -1,13 +1,15 @@
 """Shared machinery for guides over the LoRA sites of a :class:`BayesianLoRAModel`.
 
-Guides here build their parameters eagerly from the model's adapters (no prototype trace), so they
-can ``load_state_dict`` before the first call and work inside ``Predictive`` without labels
-(PYRO_NOTES.md, "Guides").
+A guide reads its model and never writes to it. Which adapters are Bayesian, whether B is random and what
+is masked were fixed when the model was built (``bayesianize(..., bayesian_sites=, random_B=)``); a guide
+covers the model's Bayesian latent sites with its family and gives the sites of the deterministic adapters
+(masked in the model: no prior term) point estimates. Sites are discovered from the model's sample sites
+(:meth:`BayesianLoRAModel.latent_sites`).
 
-Every guide accepts ``sites=<regex>``: only the A sites whose name matches (``re.search``) get the
-guide's family; the other adapters become deterministic LoRA layers (a point estimate of A, no prior
-term: the layer's sites are masked in model and guide). E.g. ``make_guide("blob", model, sites="lm_head")``
-is a Bayesian lm_head on a plain-LoRA body.
+Guides here build their parameters eagerly from the model's adapters (no prototype trace), so they can
+``load_state_dict`` before the first call and work inside ``Predictive`` without labels. Capabilities are
+methods of :class:`LoRAGuide`: :meth:`~LoRAGuide.loc_and_scale` (raises for a family without a per-site
+mean and std), :meth:`~LoRAGuide.posterior_mean`.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from pyro.infer.autoguide import AutoGuide
 from pyro.infer.autoguide.utils import deep_setattr
 from pyro.nn import PyroModule, PyroParam
 
+from blob_pyro.models.adapt import select_sites
 from blob_pyro.models.bayesian_model import BayesianLoRAModel
 from blob_pyro.models.lora import BayesianLoRALinear, lora_init_A
 
@@ -46,61 +49,67 @@ def deep_getattr(obj, dotted: str):
     return reduce(getattr, dotted.split("."), obj)
 
 
-def select_sites(site_names: list[str], pattern: Optional[str]) -> list[str]:
-    """The A sites matched by ``pattern`` (``re.search``; None selects all), in model order.
-
-    :raises ValueError: for an invalid regex or one that matches no site (the message lists the sites).
-    """
-    if pattern is None:
-        return list(site_names)
-    try:
-        regex = re.compile(pattern)
-    except re.error as err:
-        raise ValueError(f"sites={pattern!r} is not a valid regular expression: {err}") from None
-    chosen = [s for s in site_names if regex.search(s)]
-    if not chosen:
-        raise ValueError(
-            f"sites={pattern!r} matches no LoRA site; the model's sites are e.g. {site_names[:4]} "
-            f"({len(site_names)} in all): pass a regex such as 'lm_head' or 'q_proj'"
-        )
-    return chosen
-
-
 class LoRAGuide(AutoGuide):
-    """Base class: an ``AutoGuide`` whose sites are the model's LoRA-A factors.
+    """Base class: an ``AutoGuide`` whose sites are the model's LoRA factors.
 
     Subclasses set ``scores_prior`` (False for maximum likelihood: the trainer then gives the A sites
     a prior weight of 0), ``point_estimate`` (True when every draw is the same: the trainer then
-    evaluates the posterior mean only) and ``bayesian_B`` (True when B is a random site too), and
-    implement ``forward(*args, kl_weight=1.0, flipout=None, **kwargs)`` returning ``{site: value}``
-    and ``posterior_mean()``.
+    evaluates the posterior mean only), ``random_B`` (True for a family over B as well: the model must be
+    built with ``random_B=True``) and ``provides_flipout_loc`` (True when its A sites carry their mean for
+    flipout), and implement ``forward(*args, kl_weight=1.0, **kwargs)`` returning ``{site: value}``,
+    ``posterior_mean()`` and, for a per-site Gaussian, ``loc_and_scale(site)``.
 
-    :param sites: a regex; only matching A sites get the guide's family, the others are deterministic
-        (see the module docstring). None: every site.
+    :param sites: optional check: a regex that must select exactly the model's Bayesian sites (which
+        adapters are Bayesian is decided by ``bayesianize(..., bayesian_sites=...)``, not by the guide).
     """
 
     scores_prior: bool = True
     provides_flipout_loc: bool = False
     point_estimate: bool = False
-    bayesian_B: bool = False
+    random_B: Optional[bool] = False  # None: the family adapts to the model's sites (autoguides)
 
     def __init__(self, model: BayesianLoRAModel, *, sites: Optional[str] = None, init_loc_fn: InitLocFn = init_to_lora):
         if not isinstance(model, BayesianLoRAModel):
             raise TypeError(f"{type(self).__name__} expects a BayesianLoRAModel, got {type(model).__name__}")
         super().__init__(model)
-        all_sites = list(model.adapters)
-        self._site_names = select_sites(all_sites, sites)
-        self._fixed_site_names = [s for s in all_sites if s not in self._site_names]
+        model.param_scope.activate()
+        self._param_scope = model.param_scope
+        self._site_names = list(model.bayesian_sites)
+        self._fixed_site_names = list(model.deterministic_sites)
+        if not self._site_names:
+            raise ValueError(f"{type(self).__name__}: the model has no Bayesian adapter; build it with bayesianize(...) "
+                             "without bayesian_sites, or with a regex that matches some site")
+        if sites is not None and select_sites(list(model.adapters), sites) != self._site_names:
+            raise ValueError(
+                f"sites={sites!r} selects {select_sites(list(model.adapters), sites)}, but the model's Bayesian sites are "
+                f"{self._site_names}: which adapters are Bayesian is fixed when the model is built; pass "
+                f"bayesianize(..., bayesian_sites={sites!r}) (CLI: --bayesian-sites) and build the guide without sites="
+            )
+        self._check_random_B(model)
         self.sites_pattern = sites
-        # The guide decides how each layer enters the model: B random or not, prior scored or masked.
-        for site, layer in model.adapters.items():
-            chosen = site in self._site_names
-            layer.set_guide_options(bayesian_B=self.bayesian_B and chosen, prior_scored=chosen)
         if self._fixed_site_names:
             self.fixed_values = self._new_container()
             for site in self._fixed_site_names:
                 value = init_loc_fn(self._adapter(site)).detach().clone()
                 self._set_site_param(self.fixed_values, site, PyroParam(value))
+
+    def _check_random_B(self, model: BayesianLoRAModel) -> None:
+        has_random_B = bool(model.random_B_sites)
+        if self.random_B is not None and has_random_B != self.random_B:
+            built = "with random B (bayesianize(..., random_B=True))" if has_random_B else "with deterministic B"
+            fix = ("use a guide over A and B such as 'meanfield'" if has_random_B else
+                   "build the model with bayesianize(..., random_B=True) (the CLI does this for --guide meanfield)")
+            raise ValueError(f"{type(self).__name__} {'covers' if self.random_B else 'does not cover'} B, but the model was "
+                             f"built {built}: {fix}")
+
+    def __call__(self, *args, **kwargs):
+        self._param_scope.activate()  # this guide's parameters live in its model's store
+        return super().__call__(*args, **kwargs)
+
+    @property
+    def bayesian_B(self) -> bool:
+        """Whether B is random in the model this guide covers (read from the model)."""
+        return bool(self.model.random_B_sites)
 
     @property
     def site_names(self) -> list[str]:
@@ -135,7 +144,27 @@ class LoRAGuide(AutoGuide):
 
     def posterior_mean(self) -> dict[str, torch.Tensor]:
         """``{site: value}`` posterior means of every site (prediction with "N = 0")."""
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} does not implement posterior_mean()")
+
+    def loc_and_scale(self, site: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(mean, std)`` of the marginal posterior of ``site``, each the shape of the site's value.
+
+        :raises NotImplementedError: for a family without per-site Gaussian marginals (point estimates,
+            joint or non-Gaussian families); the message says which guides have them.
+        """
+        raise NotImplementedError(
+            f"{type(self).__name__} has no per-site mean and standard deviation"
+            f"{' (it is a point estimate)' if self.point_estimate else ''}: use a Gaussian guide such as 'blob', "
+            "'meanfield' or 'normal'"
+        )
+
+    def has_loc_and_scale(self) -> bool:
+        """Whether :meth:`loc_and_scale` answers for this guide's sites."""
+        try:
+            self.loc_and_scale(self._site_names[0])
+        except NotImplementedError:
+            return False
+        return True
 
     def median(self, *args, **kwargs) -> dict[str, torch.Tensor]:
         return self.posterior_mean()

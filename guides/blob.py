@@ -4,8 +4,9 @@
 
 M starts at the LoRA init of A (``init_loc_fn``, kaiming-uniform by default) and G ~ U(eps/sqrt(2), eps),
 so the initial std lies in [eps^2/2, eps^2]. B is not a guide site: it stays the model's deterministic
-``lora_B`` parameter (asymmetric Bayesianization, BLOB.md section 1). The Normal sits at the model
-site itself, so ``TraceMeanField_ELBO`` uses the closed-form KL.
+``lora_B`` parameter (asymmetric Bayesianization, Wang et al. 2024, section 3.1). The Normal sits at the
+model site itself, so ``TraceMeanField_ELBO`` uses the closed-form KL. Each A site carries M in its
+``infer`` dict (``FLIPOUT_LOC``), from which the model takes flipout's mean.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import torch
 
 from pyro.nn import PyroParam
 
-from blob_pyro.models.bayesian_model import kl_weight_handler
+from blob_pyro.models.bayesian_model import FLIPOUT_LOC, kl_weight_handler
 
 from .base import LoRAGuide, deep_getattr, init_to_lora
 
@@ -59,14 +60,19 @@ class BLoBGuide(LoRAGuide):
         root = deep_getattr(self.std_roots, site)
         return root * root
 
-    def forward(self, *args, kl_weight: float = 1.0, flipout=None, **kwargs):
+    def loc_and_scale(self, site: str):
+        return self.loc(site), self.scale(site)
+
+    def sample_gaussian(self, site: str) -> torch.Tensor:
+        """Draw ``site`` from N(M, (G^2)^2), its mean recorded for flipout."""
+        loc = self.loc(site)
+        return pyro.sample(site, dist.Normal(loc, self.scale(site)).to_event(2), infer={FLIPOUT_LOC: loc})
+
+    def forward(self, *args, kl_weight: float = 1.0, **kwargs):
         draws = self.sample_fixed_sites()
         with kl_weight_handler(kl_weight):
             for site in self.site_names:
-                loc = self.loc(site)
-                draws[site] = pyro.sample(site, dist.Normal(loc, self.scale(site)).to_event(2))
-                if flipout is not None:
-                    self._adapter(site).set_transient(flipout_loc=loc)
+                draws[site] = self.sample_gaussian(site)
         return draws
 
     def posterior_mean(self):

@@ -2,9 +2,9 @@
 
     q(A, B) = prod N(M_A, (G_A^2)^2) * prod N(M_B, (G_B^2)^2),   p(A), p(B) = the layer's prior
 
-The guide switches each covered layer to ``bayesian_B`` (``BayesianLoRALinear.set_guide_options``): B
-is then a sample site ``<module path>.lora_B`` drawn with A at the top of the model, and the layer's
-``lora_B`` parameter is unused. M_B starts at 0 (the adapted model starts at the base model in mean),
+The model must be built with ``bayesianize(..., random_B=True)`` (the CLI does so for ``--guide
+meanfield``): B is then a sample site ``<module path>.lora_B`` drawn with A at the top of the model, and
+the layer's ``lora_B`` parameter is unused. M_B starts at 0 (the adapted model starts at the base model in mean),
 G ~ U(eps/sqrt(2), eps) for both factors, as in :class:`BLoBGuide`.
 """
 
@@ -28,7 +28,7 @@ def b_site(a_site: str) -> str:
 class MeanFieldGuide(BLoBGuide):
     """:param eps: initial scale of G for A and B. :param sites: regex of the layers to make Bayesian."""
 
-    bayesian_B = True
+    random_B = True
 
     def __init__(self, model, *, eps: float = 0.05, sites=None, **kwargs):
         super().__init__(model, eps=eps, sites=sites, **kwargs)
@@ -39,14 +39,11 @@ class MeanFieldGuide(BLoBGuide):
     def b_site_names(self) -> list[str]:
         return [b_site(site) for site in self.site_names]
 
-    def forward(self, *args, kl_weight: float = 1.0, flipout=None, **kwargs):
+    def forward(self, *args, kl_weight: float = 1.0, **kwargs):
         draws = self.sample_fixed_sites()
         with kl_weight_handler(kl_weight):
             for site in self.site_names:  # A then B per layer: the model's site order (TraceMeanField_ELBO checks it)
-                loc = self.loc(site)
-                draws[site] = pyro.sample(site, dist.Normal(loc, self.scale(site)).to_event(2))
-                if flipout is not None:
-                    self._adapter(site).set_transient(flipout_loc=loc)
+                draws[site] = self.sample_gaussian(site)
                 b = b_site(site)
                 draws[b] = pyro.sample(b, dist.Normal(self.loc(b), self.scale(b)).to_event(2))
         return draws

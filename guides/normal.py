@@ -19,7 +19,7 @@ class NormalGuide(AutoGuideAdapter):
         super().__init__(model, AutoNormal, sites=sites, init_scale=float(init_scale), **options)
 
     def loc(self, site: str):
-        return self.inner._get_loc_and_scale(site)[0]
+        return self.loc_and_scale(site)[0]
 
     def scale(self, site: str):
-        return self.inner._get_loc_and_scale(site)[1]
+        return self.loc_and_scale(site)[1]

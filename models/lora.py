@@ -27,7 +27,7 @@ from pyro.nn import PyroModule, PyroSample
 from torch import nn
 
 from .flipout_signs import flipout_signs
-from .priors import Prior
+from .priors import Prior, as_prior
 
 __all__ = ["BayesianLoRALinear", "lora_init_A"]
 
@@ -55,6 +55,12 @@ class BayesianLoRALinear(PyroModule):
     :param dropout: LoRA dropout probability on the adapter input (0 disables it).
     :param adapter_dtype: dtype of B and of the adapter computation (fp32 by default, also on a
         bf16/fp16 base: inputs and outputs are cast at the boundary).
+    :param bayesian: False makes a deterministic layer in a partly Bayesian model: its sites are masked
+        (no prior term), a guide gives them point estimates.
+    :param random_B: True makes B a sample site ``<module path>.lora_B`` with the layer's prior, drawn with
+        A (the mean-field "BBB" family; the ``lora_B`` parameter is then unused). Only for a Bayesian layer.
+
+    Both are fixed when the layer is built (a guide reads them, never sets them).
 
     Shapes: input ``(..., in_features)``, output ``(..., out_features)``; A ``(rank, in_features)``,
     B ``(out_features, rank)``.
@@ -70,6 +76,8 @@ class BayesianLoRALinear(PyroModule):
         prior: Prior,
         dropout: float = 0.0,
         adapter_dtype: torch.dtype = torch.float32,
+        bayesian: bool = True,
+        random_B: bool = False,
     ):
         if not isinstance(base_layer, nn.Linear):
             raise TypeError(f"{name}: expected an nn.Linear to adapt, got {type(base_layer).__name__}")
@@ -79,6 +87,8 @@ class BayesianLoRALinear(PyroModule):
             raise ValueError(f"{name}: LoRA alpha must be positive, got {alpha!r}")
         if not (0.0 <= dropout < 1.0):
             raise ValueError(f"{name}: LoRA dropout must be in [0, 1), got {dropout!r}")
+        if random_B and not bayesian:
+            raise ValueError(f"{name}: random_B=True needs a Bayesian layer (bayesian=True); a deterministic layer has no prior")
         super().__init__(name)
         base_layer.requires_grad_(False)
         self.base_layer = base_layer
@@ -90,15 +100,15 @@ class BayesianLoRALinear(PyroModule):
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         device = base_layer.weight.device
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, dtype=adapter_dtype, device=device))
-        self.prior = prior
+        self.prior = as_prior(prior)
         self.lora_A = PyroSample(lambda layer: layer.prior.site_distribution(layer._zeros_like_A()))
-        # Transient state, set by each model call (BayesianLoRAModel.set_lora_draws) and by a
-        # flipout-capable guide); stored outside nn.Module's registries so that a tensor that happens
-        # to be a guide's nn.Parameter is never registered as a parameter of this layer.
+        # Transient state, set by each model call (BayesianLoRAModel.set_lora_draws); stored outside
+        # nn.Module's registries so that a tensor that happens to be a guide's nn.Parameter (the flipout
+        # mean M) is never registered as a parameter of this layer.
         self.set_transient(active_A=None, active_B=None, flipout=None, flipout_loc=None)
-        # Options a guide sets (set_guide_options); the defaults are the BLoB layer.
-        self.bayesian_B = False
-        self.prior_scored = True
+        # Fixed at construction: whether B is a sample site, whether the layer is Bayesian at all.
+        self.bayesian_B = bool(random_B)
+        self.prior_scored = bool(bayesian)
         object.__setattr__(self, "_B_draw", None)
 
     def set_transient(self, **values) -> None:
@@ -129,17 +139,6 @@ class BayesianLoRALinear(PyroModule):
                 B = pyro.sample(self.site_name_B, self.prior.site_distribution(self._zeros_like_B()))
                 object.__setattr__(self, "_B_draw", B)
             return A
-
-    def set_guide_options(self, *, bayesian_B: bool = False, prior_scored: bool = True) -> None:
-        """Options a guide sets when it is built (the defaults are the BLoB layer).
-
-        ``bayesian_B=True``: B becomes a sample site ``<module path>.lora_B`` with the layer's prior, drawn
-        in :meth:`sample_A` (the ``lora_B`` parameter is then unused). ``prior_scored=False``: this
-        layer's sites are masked (no prior term): a deterministic layer in a partly Bayesian model.
-        """
-        self.bayesian_B = bool(bayesian_B)
-        self.prior_scored = bool(prior_scored)
-        object.__setattr__(self, "_B_draw", None)
 
     @property
     def site_name_B(self) -> str:

@@ -29,9 +29,11 @@ def tiny_bert(num_labels: int = 2, seed: int = 0) -> BertForSequenceClassificati
     return BertForSequenceClassification(config).eval()
 
 
-def tiny_bayesian_llama(rank: int = 2, prior=None, targets=("q_proj", "v_proj", "lm_head"), **kwargs) -> BayesianLoRAModel:
+def tiny_bayesian_llama(rank: int = 2, prior=None, targets=("q_proj", "v_proj", "lm_head"), *, bayesian_sites=None,
+                        random_B: bool = False, **kwargs) -> BayesianLoRAModel:
     network = tiny_llama(**kwargs)
-    bayesianize(network, list(targets), rank=rank, alpha=2.0 * rank, prior=prior)
+    bayesianize(network, list(targets), rank=rank, alpha=2.0 * rank, prior=prior, bayesian_sites=bayesian_sites,
+                random_B=random_B)
     return BayesianLoRAModel(network, AnswerTokenHead(ANSWER_TOKENS))
 
 

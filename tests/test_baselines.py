@@ -136,7 +136,7 @@ def test_mc_dropout_samples_differ_and_needs_dropout():
 
 
 def test_fixed_gaussian_guide_samples_A_and_B():
-    model = tiny_model()
+    model = tiny_model(random_B=True)  # B is a sample site only in a model built so
     locs, scales = {}, {}
     for site, layer in model.adapters.items():
         locs[site], scales[site] = torch.zeros(2, 16), torch.full((2, 16), 0.1)

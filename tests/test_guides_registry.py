@@ -20,13 +20,20 @@ GAUSSIAN_GUIDES = ["blob", "meanfield", "normal", "lowrank"]
 PRIOR_SCALE = 0.2
 
 
-def tiny_model(seed: int = 0, targets=("q_proj", "lm_head")) -> BayesianLoRAModel:
+def tiny_model(seed: int = 0, targets=("q_proj", "lm_head"), *, bayesian_sites=None, random_B=False) -> BayesianLoRAModel:
     torch.manual_seed(seed)
     config = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
                          num_attention_heads=2, num_key_value_heads=2)
     network = LlamaForCausalLM(config)
-    bayesianize(network, list(targets), rank=2, alpha=4.0, prior=NormalPrior(PRIOR_SCALE))
+    bayesianize(network, list(targets), rank=2, alpha=4.0, prior=NormalPrior(PRIOR_SCALE), bayesian_sites=bayesian_sites,
+                random_B=random_B)
     return BayesianLoRAModel(network, AnswerTokenHead([3, 4, 5]))
+
+
+def model_for(name: str, **kwargs) -> BayesianLoRAModel:
+    """:func:`tiny_model` built as guide ``name`` needs it (B random for a family over B, e.g. meanfield)."""
+    cls = GUIDES.get(name)
+    return tiny_model(random_B=cls is not None and cls.random_B is True, **kwargs)
 
 
 def tiny_batch(n: int = 4):
@@ -49,7 +56,7 @@ def test_every_registered_guide_is_tested():
 
 @pytest.mark.parametrize("name", TESTED_GUIDES + ["pyro.infer.autoguide:AutoDiagonalNormal"])
 def test_guide_trains_and_predicts(name):
-    model = tiny_model()
+    model = model_for(name)
     guide = make_guide(name, model)
     batch = tiny_batch()
     svi = SVI(model, guide, pyro.optim.Adam({"lr": 0.02}), Trace_ELBO())
@@ -105,7 +112,7 @@ def _perturb(guide):
 
 @pytest.mark.parametrize("name", GAUSSIAN_GUIDES)
 def test_monte_carlo_kl_matches_closed_form(name):
-    model = tiny_model()
+    model = model_for(name)
     guide = make_guide(name, model, **({"init_scale": 0.05} if name in ("normal", "lowrank") else {"eps": 0.2}))
     guide()  # materialise the params
     _perturb(guide)
@@ -125,7 +132,7 @@ def test_monte_carlo_kl_matches_closed_form(name):
 @pytest.mark.parametrize("name", ["blob", "meanfield"])
 @pytest.mark.parametrize("kl_weight", [1.0, 0.5])
 def test_meanfield_elbo_uses_the_exact_kl_scaled_by_the_weight(name, kl_weight):
-    model = tiny_model()
+    model = model_for(name)
     guide = make_guide(name, model)
     _perturb(guide)
     loss = TraceMeanField_ELBO().differentiable_loss(lambda: model.draw_lora_factors(kl_weight), lambda: guide(kl_weight=kl_weight))
@@ -146,7 +153,7 @@ def test_map_loss_is_minus_log_prior_and_mle_has_none():
 
 
 def test_meanfield_makes_B_random_and_uses_its_draws():
-    model = tiny_model()
+    model = tiny_model(random_B=True)
     guide = make_guide("meanfield", model)
     layer = model.adapters["lm_head.lora_A"]
     assert layer.bayesian_B and layer.site_name_B == "lm_head.lora_B"
@@ -161,9 +168,22 @@ def test_meanfield_makes_B_random_and_uses_its_draws():
     assert torch.count_nonzero(layer.lora_B) == 0
 
 
+def test_guide_and_model_must_agree_on_B_and_the_guide_changes_nothing():
+    with pytest.raises(ValueError, match=r"MeanFieldGuide covers B, but the model was built with deterministic B.*random_B=True"):
+        make_guide("meanfield", tiny_model())
+    with pytest.raises(ValueError, match=r"BLoBGuide does not cover B, but the model was built with random B.*'meanfield'"):
+        make_guide("blob", tiny_model(random_B=True))
+    model = tiny_model(bayesian_sites="lm_head")
+    flags = [(layer.prior_scored, layer.bayesian_B) for layer in model.adapters.values()]
+    for name in TESTED_GUIDES:
+        if GUIDES[name].random_B is not True:
+            make_guide(name, model)
+    assert [(layer.prior_scored, layer.bayesian_B) for layer in model.adapters.values()] == flags
+
+
 def test_sites_restricts_the_family_and_masks_the_rest():
-    model = tiny_model()
-    guide = make_guide("blob", model, sites="lm_head")
+    model = tiny_model(bayesian_sites="lm_head")
+    guide = make_guide("blob", model, sites="lm_head")  # sites= only checks the model's choice
     assert guide.site_names == ["lm_head.lora_A"]
     assert len(guide.fixed_site_names) == 2
     assert not model.adapters["model.layers.0.self_attn.q_proj.lora_A"].prior_scored
@@ -180,15 +200,18 @@ def test_sites_restricts_the_family_and_masks_the_rest():
 
 @pytest.mark.parametrize("name", ["normal", "lowrank", "pyro.infer.autoguide:AutoNormal"])
 def test_sites_works_for_autoguides(name):
-    model = tiny_model()
-    guide = make_guide(name, model, sites="q_proj")
+    model = tiny_model(bayesian_sites="q_proj")
+    guide = make_guide(name, model)
     assert set(guide()) == set(model.adapters)
     assert set(guide.inner.prototype_trace.stochastic_nodes) == {s for s in model.adapters if "q_proj" in s}
 
 
 def test_unknown_sites_and_guides_fail_with_the_fix():
     with pytest.raises(ValueError, match=r"matches no LoRA site.*lm_head"):
-        make_guide("blob", tiny_model(), sites="k_proj")
+        tiny_model(bayesian_sites="k_proj")
+    with pytest.raises(ValueError, match=r"sites='lm_head' selects \['lm_head.lora_A'\], but the model's Bayesian sites are .*"
+                                         r"bayesianize\(\.\.\., bayesian_sites='lm_head'\)"):
+        make_guide("blob", tiny_model(), sites="lm_head")
     with pytest.raises(ValueError, match=r"unknown guide 'bbb'; valid names: \['blob', 'lowrank', 'map', 'meanfield', 'mle', 'normal'\]"):
         make_guide("bbb", tiny_model())
     with pytest.raises(ValueError, match="cannot import guide 'pyro.infer.autoguide:AutoNope'"):
@@ -208,12 +231,12 @@ def test_guides_start_at_the_lora_init_not_at_zero():
 
 def test_state_dict_round_trip_before_first_call():
     for name in TESTED_GUIDES:
-        model = tiny_model()
+        model = model_for(name)
         guide = make_guide(name, model)
         _perturb(guide)
         state = {k: v.detach().clone() for k, v in guide.state_dict().items()}
         pyro.clear_param_store()
-        other = make_guide(name, tiny_model())
+        other = make_guide(name, model_for(name))
         other.load_state_dict(state)
         for site, value in guide.posterior_mean().items():
             assert torch.allclose(other.posterior_mean()[site], value), (name, site)

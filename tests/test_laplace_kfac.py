@@ -145,7 +145,9 @@ def test_kronecker_evidence_uses_the_log_determinant_of_the_kronecker_precision(
 def test_kronecker_guide_draws_correlated_A_and_B_for_the_predictive():
     from blob_pyro.evaluation.predictive import sample_probs
 
-    model = tiny_model()
+    from blob_pyro.models import with_random_B
+
+    model = with_random_B(tiny_model())
     posteriors = {}
     for seed, (site, layer) in enumerate(model.adapters.items()):
         for name, loc in ((site, torch.zeros(2, 16)), (layer.site_name_B, torch.zeros_like(layer.lora_B))):

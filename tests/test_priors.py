@@ -108,5 +108,5 @@ def test_registry_and_cli():
         HierarchicalNormalPrior(scale=0.0)
     cfg = TrainConfig.from_argv(["--prior", "hierarchical", "--guide", "meanfield", "--bayesian-sites", "lm_head"])
     assert (cfg.prior, cfg.guide, cfg.bayesian_sites) == ("hierarchical", "meanfield", "lm_head")
-    with pytest.raises(ValueError, match="parity supports neither"):
+    with pytest.raises(ValueError, match="parity cannot use --prior hierarchical: .*learned parameter"):
         TrainConfig(objective="parity", prior="hierarchical")

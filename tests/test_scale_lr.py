@@ -9,7 +9,7 @@ from blob_pyro.guides import BLoBGuide, make_guide
 from blob_pyro.objectives import ELBOObjective, KLWeighting
 from blob_pyro.optim import is_scale_parameter
 from tests.helpers import synthetic_batch, tiny_bayesian_llama
-from tests.test_guides_registry import TESTED_GUIDES, tiny_batch, tiny_model
+from tests.test_guides_registry import TESTED_GUIDES, model_for, tiny_batch, tiny_model
 
 SPREAD_GUIDES = ["blob", "meanfield", "normal", "lowrank",
                  "pyro.infer.autoguide:AutoDiagonalNormal", "pyro.infer.autoguide:AutoMultivariateNormal"]
@@ -17,7 +17,7 @@ SPREAD_GUIDES = ["blob", "meanfield", "normal", "lowrank",
 
 @pytest.mark.parametrize("name", TESTED_GUIDES + SPREAD_GUIDES[4:])
 def test_spread_parameters_are_recognised_in_every_guide(name):
-    model = tiny_model()
+    model = model_for(name)
     guide = make_guide(name, model)
     batch = tiny_batch()
     guide(batch["input_ids"], batch["attention_mask"], batch["labels"], batch["indices"], num_data=4, kl_weight=1.0)

@@ -31,9 +31,9 @@ def _both_ways(model, guide, batches, *, num_samples, draws_per_pass):
 @pytest.mark.parametrize("guide_name,sites", [("blob", None), ("meanfield", None), ("blob", "lm_head")])
 @pytest.mark.parametrize("draws_per_pass", [5, 3])  # all draws in one pass; groups of 3 + 2
 def test_stacked_draws_give_the_loop_probabilities(guide_name, sites, draws_per_pass):
-    model = tiny_bayesian_llama().double()
+    model = tiny_bayesian_llama(bayesian_sites=sites, random_B=guide_name == "meanfield").double()
     _nonzero_B(model)
-    guide = make_guide(guide_name, model, **({"sites": sites} if sites else {})).double()
+    guide = make_guide(guide_name, model).double()
     data = synthetic_batch(n=7)
     batches = [{k: data[k][:4] for k in ("input_ids", "attention_mask")}, {k: data[k][4:] for k in ("input_ids", "attention_mask")}]
     loop, stacked = _both_ways(model, guide, batches, num_samples=5, draws_per_pass=draws_per_pass)

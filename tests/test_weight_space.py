@@ -55,4 +55,4 @@ def test_spread_by_layer_covers_every_site_and_uses_the_layer_scaling():
     expected = update_spread(layer.lora_B.detach(), guide.loc(site).detach(), guide.scale(site).detach(), scaling=layer.scaling)
     assert spread[site] == pytest.approx(expected)
     with pytest.raises(ValueError, match="samples B too"):
-        spread_by_layer(model, MeanFieldGuide(model))
+        spread_by_layer(model, MeanFieldGuide(tiny_bayesian_llama(random_B=True)))

@@ -210,8 +210,9 @@ class FixedGaussianGuide(torch.nn.Module):
     """A non-trainable mean-field Gaussian over given sites, for post-hoc baselines (TFB, Laplace).
 
     Behaves like a ``LoRAGuide`` for :mod:`blob_pyro.evaluation.predictive`: ``forward`` samples every
-    site, ``posterior_mean()`` returns the means. Sites named ``<path>.lora_B`` switch their layer to
-    ``bayesian_B`` (the layer's ``lora_B`` parameter is then unused).
+    site, ``posterior_mean()`` returns the means, ``loc_and_scale(site)`` the marginals. Sites named
+    ``<path>.lora_B`` need a model built with random B (:func:`blob_pyro.models.with_random_B`); the guide
+    checks the model and never changes it.
 
     :param model: the ``BayesianLoRAModel``. :param locs, scales: ``{site: tensor}``.
     """
@@ -225,8 +226,28 @@ class FixedGaussianGuide(torch.nn.Module):
         self._model = (model,)
         self.locs = {k: v.detach() for k, v in locs.items()}
         self.scales = {k: v.detach() for k, v in scales.items()}
-        for site, layer in model.adapters.items():
-            layer.set_guide_options(bayesian_B=layer.site_name_B in self.locs, prior_scored=True)
+        random_B = set(model.random_B_sites)
+        given_B = {site for site in self.locs if site.endswith(".lora_B")}
+        if given_B != random_B:
+            raise ValueError(
+                f"FixedGaussianGuide: the posterior covers the B sites {sorted(given_B)[:3]} but the model's random B sites "
+                f"are {sorted(random_B)[:3]}; build the model with blob_pyro.models.with_random_B(model) for a posterior "
+                "over B, or leave B out of the posterior"
+            )
+
+    @property
+    def bayesian_B(self) -> bool:
+        return bool(self._model[0].random_B_sites)
+
+    @property
+    def site_names(self) -> list[str]:
+        return list(self.locs)
+
+    def loc_and_scale(self, site: str):
+        return self.locs[site], self.scales[site]
+
+    def has_loc_and_scale(self) -> bool:
+        return True
 
     def forward(self, *args, **kwargs):
         import pyro.distributions as dist

@@ -32,6 +32,7 @@ import torch
 from pyro import poutine
 
 from blob_pyro.evaluation.metrics import classification_metrics
+from blob_pyro.models.adapt import with_random_B
 from blob_pyro.models.bayesian_model import extra_batch_inputs
 from blob_pyro.evaluation.predictive import sample_probs
 
@@ -168,9 +169,11 @@ def _kfac_posterior(model, theta: dict, logits_fn, examples, n_train: int, prior
 
 @dataclass
 class LaplaceFit:
-    """A Laplace posterior fitted to a loaded base run: ``theta`` = ``{site: leaf tensor}`` (A and B at the
-    MAP), ``posterior``, and the curvature's cost."""
+    """A Laplace posterior fitted to a loaded base run: ``model`` (the base run's network, rebuilt with B a
+    sample site: use it, not the loaded model), ``theta`` = ``{site: leaf tensor}`` (A and B at the MAP),
+    ``posterior``, and the curvature's cost."""
 
+    model: object
     theta: dict
     posterior: _Posterior
     used: int
@@ -189,15 +192,15 @@ def fit_laplace(cfg, loaded) -> LaplaceFit:
     (deterministic given the base run and the config)."""
     from blob_pyro.assembly import batches as make_batches
 
-    model, data = loaded.model, loaded.data
-    # theta* = (A, B) of every adapter as leaf tensors; B becomes a (conditioned) sample site
+    data = loaded.data
+    # theta* = (A, B) of every adapter as leaf tensors, in a model rebuilt with B a (conditioned) sample site
     means = loaded.guide.posterior_mean()
+    model = with_random_B(loaded.model)
     theta = {}
     for site, layer in model.adapters.items():
         theta[site] = means[site].detach().clone().requires_grad_(True)
         theta[layer.site_name_B] = layer.lora_B.detach().clone().requires_grad_(True)
-        layer.set_guide_options(bayesian_B=True)
-    fit = LaplaceFit(theta, None, 0, 0.0)
+    fit = LaplaceFit(model, theta, None, 0, 0.0)
     logits_fn = fit.logits_fn(model)
     n_train = len(data.train)
     used = n_train if cfg.laplace_examples == 0 else min(cfg.laplace_examples, n_train)
@@ -232,8 +235,9 @@ def run(cfg) -> dict:
     start = time.perf_counter()
     base = train_base_run(cfg, "base")
     loaded = load_run(base)
-    model, data = loaded.model, loaded.data
+    data = loaded.data
     fit = fit_laplace(cfg, loaded)
+    model = fit.model  # B a sample site
     posterior, curvature_seconds, used = fit.posterior, fit.curvature_seconds, fit.used
     lam, flat = posterior.prior_precision, torch.cat([p.detach().reshape(-1) for p in fit.theta.values()])
 
@@ -306,7 +310,7 @@ def laplace_predictive(cfg, loaded, fit: LaplaceFit) -> RunPredictive:
     (``mc``) or the linearised predictive (``probit``)."""
     from blob_pyro.run_predictive import GuidePredictive
 
-    common = dict(method="laplace", cfg=loaded.cfg, model=loaded.model, data=loaded.data, tokenizer=loaded.tokenizer,
+    common = dict(method="laplace", cfg=loaded.cfg, model=fit.model, data=loaded.data, tokenizer=loaded.tokenizer,
                   device=loaded.device, guide=fit.posterior.guide,
                   description=f"Laplace {cfg.laplace_hessian} ({cfg.laplace_predictive}), lambda = {fit.posterior.prior_precision:.3g}")
     if cfg.laplace_predictive == "probit":

@@ -135,3 +135,15 @@ def test_compare_ood_columns_and_reuse_only_on_matching_config(tasks, model_dir,
     with pytest.raises(SystemExit):  # --ood-columns without --eval-tasks: refused before anything runs
         compare.main(["--methods", "mle", "--output-dir", str(tmp_path / "none"), "--ood-columns", "--max-steps", "2"])
     assert not (tmp_path / "none").exists()
+
+
+def test_every_registered_method_has_a_predictive_and_is_tested_here():
+    """A baseline added to the registry without ``load_predictive`` (or without a case above) fails here."""
+    import importlib
+
+    from blob_pyro.baselines import METHODS as REGISTERED
+
+    tested = {flags[flags.index("--method") + 1] for flags, _ in METHODS.values()}
+    assert tested == set(REGISTERED), f"methods without an evaluate test: {sorted(set(REGISTERED) - tested)}"
+    for name, module in REGISTERED.items():
+        assert callable(getattr(importlib.import_module(module), "load_predictive", None)), f"{name} has no load_predictive"

@@ -2,7 +2,10 @@
 
 ``run_method(cfg)`` runs ``cfg.method`` (``python -m blob_pyro.train --method <name>``) and writes the same
 files as a training run (``config.json``, ``metrics.json``, ``predictions.npz``, ``run.json``) into
-``cfg.output_dir``; the runs it builds on live in sub-directories and are reused when finished.
+``cfg.output_dir``; the runs it builds on live in sub-directories and are reused when finished with a matching
+config. Each module also implements ``load_predictive(run_dir, cfg, *, device, dtype)``: the finished run's
+:class:`blob_pyro.run_predictive.RunPredictive` (draws ``(S, n, K)``, point estimate, its prediction modes),
+through which ``python -m blob_pyro.evaluate`` and ``--eval-tasks`` analyse every method alike.
 
 * ``mc_dropout``: LoRA dropout kept on at test time, ``--eval-samples`` passes (Gal & Ghahramani 2016).
 * ``ensemble``: ``--ensemble-size`` independently seeded runs, probabilities averaged (Lakshminarayanan 2017).

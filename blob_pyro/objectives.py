@@ -22,7 +22,6 @@ import math
 from dataclasses import dataclass
 from typing import Callable, Optional
 
-import pyro
 import torch
 from pyro import poutine
 from pyro.infer import SVI, Trace_ELBO, TraceMeanField_ELBO

@@ -14,7 +14,6 @@ mean and std), :meth:`~LoRAGuide.posterior_mean`.
 
 from __future__ import annotations
 
-import re
 from functools import reduce
 from typing import Callable, Optional
 

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from .lora import BayesianLoRALinear
-from .priors import NormalPrior, Prior, as_prior
+from .priors import NormalPrior, as_prior
 
 __all__ = ["bayesianize", "linear_layer_names", "match_target_modules", "find_adapters", "select_sites", "with_random_B"]
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import math
 from contextlib import nullcontext
-from typing import Optional
 
 import pyro
 from pyro import poutine

@@ -192,6 +192,8 @@ def train(cfg: TrainConfig) -> dict:
             log(f"warning: trained parameters differ across the {parallel.world_size} processes by up to {difference:.3g}")
         if not parallel.is_main:  # rank 0 alone evaluates and writes files
             return {}
+    model.eval()
+    guide.post_fit(batches(data, data.train, batch_size=cfg.eval_batch_size, device=device))  # e.g. a Laplace covariance
     save_adapter_and_guide(out, model, guide)
 
     # Evaluation

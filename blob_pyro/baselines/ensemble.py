@@ -10,6 +10,7 @@ import numpy as np
 
 from blob_pyro.evaluation.metrics import classification_metrics
 
+from . import register_method
 from .common import load_predictions, primary_mode, read_metrics, train_base_run, write_baseline_run
 
 __all__ = ["average_probabilities", "run"]
@@ -31,6 +32,8 @@ def average_probabilities(member_probs) -> np.ndarray:
     return stacked.mean(0)
 
 
+@register_method("ensemble", help="--ensemble-size runs of --guide with seeds seed, seed+1000, ...; probabilities averaged",
+                 compare={"ensemble": ["--guide", "mle"]}, base_method="mle")
 def run(cfg) -> dict:
     start = time.perf_counter()
     members, member_metrics = [], []

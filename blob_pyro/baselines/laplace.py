@@ -36,6 +36,7 @@ from blob_pyro.models.adapt import with_random_B
 from blob_pyro.models.bayesian_model import extra_batch_inputs
 from blob_pyro.evaluation.predictive import sample_probs
 
+from . import register_method
 from .common import FixedGaussianGuide, load_run, read_metrics, train_base_run, write_baseline_run
 from .kfac import KroneckerGaussianGuide, KroneckerPosterior, kfac_curvature
 
@@ -164,6 +165,12 @@ def _kfac_posterior(model, theta: dict, logits_fn, examples, n_train: int, prior
     return _Posterior(lam, guide, lambda site, g: posteriors[site].quadratic_form(g), mean_std)
 
 
+@register_method(
+    "laplace", help="post-hoc Laplace over the LoRA parameters of a --guide map/mle run",
+    compare={"laplace": ["--guide", "map"],  # Laplace-LoRA as the paper runs it: KFAC GGN, linearised (probit) predictive
+             "laplace_kfac": ["--guide", "map", "--laplace-hessian", "kfac", "--laplace-predictive", "probit"]},
+    base_method="map",
+)
 def run(cfg) -> dict:
     start = time.perf_counter()
     base = train_base_run(cfg, "base")

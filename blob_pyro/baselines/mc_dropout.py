@@ -11,6 +11,7 @@ import torch
 from blob_pyro.evaluation.metrics import classification_metrics
 from blob_pyro.evaluation.predictive import posterior_mean_probs
 
+from . import register_method
 from .common import load_run, read_metrics, train_base_run, write_baseline_run
 
 __all__ = ["mc_dropout_probs", "run"]
@@ -31,6 +32,8 @@ def mc_dropout_probs(model, guide, batches, *, num_samples: int) -> torch.Tensor
             d.eval()
 
 
+@register_method("mc_dropout", help="LoRA dropout kept on at test, --eval-samples passes; needs --lora-dropout > 0",
+                 compare={"mc_dropout": ["--guide", "mle", "--lora-dropout", "0.1"]})
 def run(cfg) -> dict:
     start = time.perf_counter()
     base = train_base_run(cfg, "base")

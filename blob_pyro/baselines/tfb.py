@@ -20,6 +20,7 @@ import torch
 from blob_pyro.evaluation.metrics import classification_metrics, negative_log_likelihood
 from blob_pyro.evaluation.predictive import posterior_mean_probs, sample_probs
 
+from . import register_method
 from .common import FixedGaussianGuide, load_run, read_metrics, train_base_run, write_baseline_run
 
 __all__ = ["largest_admissible_std", "scaled", "tfb_posterior", "run"]
@@ -75,6 +76,8 @@ def tfb_posterior(model, guide, sigma: float) -> tuple[dict, dict]:
     return locs, scales
 
 
+@register_method("tfb", help="training-free Bayesianization of a --guide map/mle run", compare={"tfb": ["--guide", "mle"]},
+                 base_method="mle")
 def run(cfg) -> dict:
     start = time.perf_counter()
     base = train_base_run(cfg, "base")

@@ -41,10 +41,10 @@ def _f(default, help: str, choices: Optional[Sequence[Any]] = None, registry: Op
 
 
 def _guides() -> dict:
-    from blob_pyro.guides import GUIDE_HELP, registered_guides
+    from blob_pyro.guides import registry
 
-    registered_guides()
-    return GUIDE_HELP
+    registry.registered_guides()
+    return registry.GUIDE_HELP
 
 
 def _priors() -> dict:

@@ -144,6 +144,12 @@ class LaplaceAdapter(AutoGuideAdapter):
             self.laplace_scale_tril.copy_(torch.linalg.cholesky(covariance).to(self.laplace_scale_tril.dtype))
             self.laplace_fitted.fill_(1.0)
 
+    @torch.no_grad()
+    def posterior_mean(self):
+        """The fitted point (the MAP, also the Laplace posterior's mean), per site."""
+        means = {site["name"]: self._constrain(site, value)[0].detach() for site, value in self.inner._unpack_latent(self.inner.loc)}
+        return {**self.fixed_site_values(), **means}
+
     def covariance(self) -> torch.Tensor:
         """The Laplace covariance ``H^-1`` ``(D, D)`` over the latent vector (sites in model order, flattened)."""
         if not self.fitted:

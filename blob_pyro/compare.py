@@ -3,8 +3,12 @@
 
 Each (method, seed) is one ``python -m blob_pyro.train`` run in ``<output-dir>/<method>/seed_<seed>`` (a
 subprocess, so memory is freed between runs). A run directory that already holds ``metrics.json`` is
-reused, so interrupting and rerunning continues where it stopped: a run that left a training checkpoint
-(``checkpoint.safetensors``, also in an ensemble member's directory) continues from it with ``--resume``.
+reused when its ``config.json`` matches the config compare would run (else the differing fields are named
+and it runs again), so interrupting and rerunning continues where it stopped: a run of the same config that
+left a training checkpoint (``checkpoint.safetensors``, also in an ensemble member's directory) continues
+from it with ``--resume``. Before any run starts, every method's config is parsed and the checks that need
+no model (device, model, task, split sizes, ``--eval-tasks``) run for it. ``--eval-tasks`` works for every
+method; ``--ood-columns`` tables the OOD tasks (``results_ood.md``/``.csv``: ACC, ECE, NLL, AUROC, AUPR).
 SIGTERM (forwarded) or Ctrl-C stops the running training after its current step and checkpoint.
 ``--report-only`` starts no run and tables whatever has finished (the header names what has not).
 Outputs in ``<output-dir>``:
@@ -49,8 +53,10 @@ import numpy as np
 from blob_pyro.baselines.common import load_predictions, primary_mode
 from blob_pyro.interrupt import stop_on_signals
 from blob_pyro.resume import CHECKPOINT_FILE
+from blob_pyro.rundir import describe_differences
 
-__all__ = ["METHOD_FLAGS", "BASE_METHOD", "method_flags", "run_order", "main", "summarise", "write_tables", "plot_reliability"]
+__all__ = ["METHOD_FLAGS", "BASE_METHOD", "method_flags", "run_order", "main", "summarise", "write_tables", "plot_reliability",
+           "ood_rows", "write_ood_tables", "run_config_differences", "preflight"]
 
 
 
@@ -109,18 +115,75 @@ def run_one(output_dir: Path, method: str, seed: int, train_args: list[str], *, 
     """Run (or reuse) one method x seed; raises if the training subprocess fails. A post-hoc baseline whose
     base method is in ``methods`` gets ``--base-run`` pointing at that method's run of the same seed."""
     path = run_dir(output_dir, method, seed)
-    if (path / "metrics.json").exists():
-        log(f"[compare] {method} seed {seed}: reusing {path}")
-        return path
     base = BASE_METHOD.get(method)
     reuse = ["--base-run", str(run_dir(output_dir, base, seed))] if base in methods else []
-    resume = ["--resume"] if path.is_dir() and any(path.rglob(CHECKPOINT_FILE)) else []  # an interrupted run
-    argv = [*train_args, "--seed", str(seed), "--output-dir", str(path), "--overwrite", *method_flags(method), *reuse, *resume]
+    argv = [*train_args, "--seed", str(seed), "--output-dir", str(path), "--overwrite", *method_flags(method), *reuse]
+    differ = run_config_differences(path, argv)
+    if (path / "metrics.json").exists() and not differ:
+        log(f"[compare] {method} seed {seed}: reusing {path} (finished, same config)")
+        return path
+    if differ:  # finished or interrupted with other settings: start again (--overwrite clears it)
+        log(f"[compare] {method} seed {seed}: {path} was run with another config ({describe_differences(differ)}); running it again")
+    elif path.is_dir() and any(path.rglob(CHECKPOINT_FILE)):  # an interrupted run of this config
+        argv.append("--resume")
     log(f"[compare] {method} seed {seed}: python -m blob_pyro.train {shlex.join(argv)}")
     start = time.perf_counter()
     run_training(argv)
     log(f"[compare] {method} seed {seed}: done in {time.perf_counter() - start:.0f} s")
     return path
+
+
+def expected_config(argv: list[str]):
+    """The TrainConfig that ``python -m blob_pyro.train argv`` would run."""
+    from blob_pyro.config import TrainConfig
+
+    return TrainConfig.from_argv(argv)
+
+
+def run_config_differences(path: Path, argv: list[str]) -> dict:
+    """``{field: (recorded, now)}`` between the run in ``path`` (its ``config.json``) and ``argv``; empty when
+    there is no config.json yet. Fields that change no number (output dir, device, logging) are ignored."""
+    from blob_pyro.rundir import config_differences_for_reuse, read_config_dict
+
+    if not (path / "config.json").exists():
+        return {}
+    recorded = read_config_dict(path)
+    if recorded is None:
+        return {"config.json": ("unreadable", "a run config")}
+    return config_differences_for_reuse(recorded, expected_config(argv).to_dict())
+
+
+def preflight(output_dir: Path, methods: Sequence[str], seeds: Sequence[int], train_args: list[str]) -> None:
+    """Before any run starts or any folder is made: every method's config parses, and the checks that need no
+    model (device, model, task, split sizes, --eval-tasks) pass for it; a ``SystemExit`` naming the method."""
+    from blob_pyro.preflight import PreflightError, check_device, check_eval_tasks, check_model, check_split, check_task
+
+    if output_dir.exists() and not output_dir.is_dir():
+        raise SystemExit(f"[compare] --output-dir {output_dir}: expected a directory (or a path to create), found a file; "
+                         "choose another --output-dir")
+    checked = set()
+    for method, seed in [(m, s) for m in methods for s in seeds]:
+        path = run_dir(output_dir, method, seed)
+        argv = [*train_args, "--seed", str(seed), "--output-dir", str(path), "--overwrite", *method_flags(method)]
+        try:
+            cfg = expected_config(argv)
+        except SystemExit as err:
+            raise SystemExit(f"[compare] method {method}: {err}") from None
+        if (path / "metrics.json").exists() and not run_config_differences(path, argv):
+            continue  # will be reused, not run
+        key = (cfg.device, cfg.model, cfg.task, cfg.split_file, cfg.num_train, cfg.num_validation, cfg.eval_tasks, cfg.task_type,
+               cfg.data_dir, cfg.column_mapping, cfg.task_format)
+        if key in checked:
+            continue
+        checked.add(key)
+        try:
+            check_device(cfg.device)
+            check_model(cfg.model)
+            task = check_task(cfg)
+            check_split(cfg, task)
+            check_eval_tasks(cfg, task)
+        except PreflightError as err:
+            raise SystemExit(f"[compare] method {method}: {err}") from None
 
 
 def run_training(argv: list[str]) -> None:
@@ -215,6 +278,60 @@ def write_tables(output_dir: Path, rows: list[dict], *, header: str = "") -> str
     return text
 
 
+OOD_METRICS = [("acc", "ACC %", 100.0), ("ece", "ECE %", 1.0), ("nll", "NLL", 1.0)]
+OOD_DETECTION = [("entropy", "auroc", "AUROC entropy"), ("mutual_information", "auroc", "AUROC MI"),
+                 ("entropy", "aupr", "AUPR entropy")]
+
+
+def ood_rows(output_dir: Path, methods: Sequence[str], seeds: Sequence[int]) -> list[dict]:
+    """One row per (method, OOD task): mean and std over the finished seeds of ACC / ECE / NLL of the
+    method's primary predictive on the task and of the OOD-detection scores of :data:`OOD_DETECTION`."""
+    rows = []
+    for method in methods:
+        per_task: dict[str, list[dict]] = {}
+        for seed in finished_seeds(output_dir, method, seeds):
+            metrics = json.loads((run_dir(output_dir, method, seed) / "metrics.json").read_text())
+            for task, block in metrics.get("ood", {}).items():
+                mode = primary_mode(block)
+                entry = {key: block[mode][key] * factor for key, _, factor in OOD_METRICS}
+                detection = metrics.get("ood_detection", {}).get(task, {})
+                for score, stat, label in OOD_DETECTION:
+                    entry[label] = detection.get(score, {}).get(stat, float("nan"))
+                per_task.setdefault(task, []).append({**entry, "mode": mode})
+        for task, entries in per_task.items():
+            row = {"method": method, "ood_task": task, "mode": entries[0]["mode"], "seeds": len(entries)}
+            for key in [k for k, _, _ in OOD_METRICS] + [label for _, _, label in OOD_DETECTION]:
+                values = np.array([e[key] for e in entries], dtype=float)
+                row[f"{key}_mean"] = float(values.mean())
+                row[f"{key}_std"] = float(values.std(ddof=1)) if len(values) > 1 else float("nan")
+            rows.append(row)
+    return rows
+
+
+def write_ood_tables(output_dir: Path, rows: list[dict]) -> str:
+    """``results_ood.csv`` and ``results_ood.md`` from :func:`ood_rows`; returns the Markdown."""
+    output_dir = Path(output_dir)
+    if not rows:
+        text = "No OOD results: the runs have no 'ood' block (train them with --eval-tasks)\n"
+        (output_dir / "results_ood.md").write_text(text)
+        return text
+    with open(output_dir / "results_ood.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    labels = [label for _, label, _ in OOD_METRICS] + [label for _, _, label in OOD_DETECTION]
+    keys = [k for k, _, _ in OOD_METRICS] + [label for _, _, label in OOD_DETECTION]
+    lines = ["OOD tasks (trained on the run's task, evaluated without training on these); detection: OOD = positive, "
+             "against the run's validation set", "",
+             "| method | OOD task | mode | seeds | " + " | ".join(labels) + " |", "|---|---|---|---|" + "---|" * len(labels)]
+    for r in rows:
+        cells = [_fmt(r[f"{k}_mean"], r[f"{k}_std"], 2 if k in ("acc", "ece") else 3) for k in keys]
+        lines.append(f"| {r['method']} | {r['ood_task']} | {r['mode']} | {r['seeds']} | " + " | ".join(cells) + " |")
+    text = "\n".join(lines) + "\n"
+    (output_dir / "results_ood.md").write_text(text)
+    return text
+
+
 def plot_reliability(output_dir: Path, method: str, seeds: Sequence[int], *, num_bins: int = 15) -> Path:
     """``reliability_<method>.png``: per-bin accuracy vs confidence of the primary predictive, seeds pooled."""
     import matplotlib
@@ -277,6 +394,10 @@ def main(argv: Optional[Sequence[str]] = None) -> list[dict]:
     parser.add_argument("--report-only", action="store_true",
                         help="start no run: write the tables and diagrams from the runs that have finished (e.g. while "
                              "another compare is still running), naming the missing ones")
+    parser.add_argument("--ood-columns", action="store_true",
+                        help="also table each method's OOD tasks (the runs' --eval-tasks): ACC, ECE, NLL of its primary "
+                             "predictive and OOD-detection AUROC/AUPR against its validation set (entropy, mutual "
+                             "information), in results_ood.md / results_ood.csv")
     args, train_args = parser.parse_known_args(argv)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     try:
@@ -292,6 +413,10 @@ def main(argv: Optional[Sequence[str]] = None) -> list[dict]:
         parser.error("method temperature fits T on calibration examples carved from the training data: pass "
                      "--num-calibration K (e.g. 64), which every method's run then holds out of training")
     output_dir = Path(args.output_dir)
+    if args.ood_columns and not any(a == "--eval-tasks" or a.startswith("--eval-tasks=") for a in train_args):
+        parser.error("--ood-columns tables the runs' OOD tasks: pass --eval-tasks TASK[,TASK...] too")
+    if not args.report_only:
+        preflight(output_dir, methods, seeds, train_args)
     output_dir.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     if not args.report_only:
@@ -311,6 +436,8 @@ def main(argv: Optional[Sequence[str]] = None) -> list[dict]:
     if missing:
         header += f"  \nNot finished, left out of the table: {', '.join(missing)}"
     print(write_tables(output_dir, rows, header=header))
+    if args.ood_columns:
+        print(write_ood_tables(output_dir, ood_rows(output_dir, reported, seeds)))
     for method in reported:
         print(f"[compare] wrote {plot_reliability(output_dir, method, seeds)}")
     return rows

@@ -1,9 +1,11 @@
 """Evaluate a finished run on one or more tasks: ``python -m blob_pyro.evaluate --run-dir DIR [--flags]``.
 
-Reads top to bottom: run config -> base model, adapters, guide (rebuilt from ``config.json`` and
-validated against ``adapter.safetensors`` / ``guide.safetensors``) -> for each task: posterior-mean
-pass and N posterior draws -> metrics, InferenceData, uncertainty, plots. A ``--method temperature`` run
-is evaluated as its base run (model, split) with every class logit divided by its fitted T.
+Reads top to bottom: run config -> checks that need no model (before the output folder is touched) ->
+the run's predictive, whatever its ``--method`` (:mod:`blob_pyro.run_predictive`: an SVI guide's draws, MC
+dropout draws, Laplace / TFB draws or the linearised probit predictive, the mixture of ensemble members;
+rebuilt from ``config.json`` and validated against the run's safetensors) -> for each task: the method's
+prediction modes and S draws -> metrics, InferenceData, uncertainty, OOD detection, plots. A ``--method temperature``
+run is evaluated as its base run (model, split) with every class logit divided by its fitted T.
 
 The first ``--eval-tasks`` entry is the in-distribution task, the others are OOD. ``run`` (the default)
 names the run's own task, evaluated on the run's validation split (``split.json``); so is any task file
@@ -12,8 +14,10 @@ stratified sample of their evaluation split, with a likelihood head for their ow
 
 Output directory (default ``<run-dir>/evaluation``):
 
-* ``metrics.json``: one block per task (role, source, n) with modes ``mean`` (posterior mean, N = 0)
-  and ``samples_<N>`` (average of N draws; omitted for point-estimate guides, whose draws all agree);
+* ``metrics.json`` (written last: marks the evaluation finished): one block per task (role, source, n) with
+  the method's modes: ``mean`` (posterior mean / point estimate, N = 0) and ``samples_<N>`` (average of N
+  draws; omitted for point estimates, whose draws all agree); ``probit`` and ``linearised_<N>`` for Laplace
+  with the probit predictive; ``ensemble_<M>`` (the mixture) for ensembles;
 * ``inference_data_<task>.nc``: ArviZ InferenceData (NetCDF), see :mod:`blob_pyro.evaluation.inference_data`:
   its ``log_likelihood`` group holds ``--loo-examples`` of the run's TRAINING examples (what PSIS-LOO and
   WAIC assume the posterior was fitted to; the same examples in every task's file), the evaluated
@@ -37,6 +41,7 @@ import dataclasses
 import hashlib
 import json
 import platform
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -49,26 +54,25 @@ import torch
 from tqdm.auto import tqdm
 
 from blob_pyro.assembly import (
-    batches, build_guide, build_model, encode_examples, evaluation_positions, load_network, load_task, make_split,
-    length_sorted, prepare_data, resolve_device, resolve_dtype, uses_answer_letters,
+    batches, encode_examples, evaluation_positions, length_sorted, load_task, resolve_device, resolve_dtype,
 )
-from blob_pyro.baselines.temperature import TemperatureScaledHead, temperature_of_run
-from blob_pyro.checkpoint import load_adapter_and_guide
 from blob_pyro.config import TrainConfig, config_parser
-from blob_pyro.data import ANSWER_LETTERS, MultipleChoiceTask, answer_token_ids, load_split_file
+from blob_pyro.data import ANSWER_LETTERS, MultipleChoiceTask
 from blob_pyro.evaluation.inference_data import (
-    build_inference_data, choose_posterior_sites, draw_predictive, guide_sample_sites, held_out_lpd, import_arviz,
+    build_inference_data, choose_posterior_sites, held_out_lpd, import_arviz,
     save_inference_data,
 )
 from blob_pyro.evaluation.metrics import classification_metrics
 from blob_pyro.evaluation.plots import (
     accuracy_coverage_plot, posterior_std_per_layer, reliability_diagram, uncertainty_histograms,
 )
-from blob_pyro.evaluation.predictive import posterior_mean_probs
-from blob_pyro.evaluation.report import mode_name, results_table
+from blob_pyro.evaluation.report import results_table
 from blob_pyro.evaluation.uncertainty import per_example_table, selective_prediction, summarize_tasks, uncertainty_decomposition
 from blob_pyro.evaluation.weight_space import spread_by_layer
-from blob_pyro.models import AnswerTokenHead, BayesianLoRAModel, ChoiceLikelihoodHead, SequenceClassificationHead
+from blob_pyro.preflight import PreflightError, check_device, check_model, check_output_dir, check_run_dir
+from blob_pyro.baselines.temperature import temperature_of_run
+from blob_pyro.rundir import write_json_atomic
+from blob_pyro.run_predictive import load_run_predictive, run_task_and_split
 
 __all__ = ["EvaluateConfig", "evaluate", "main", "RUN_TASK"]
 
@@ -145,39 +149,15 @@ def _digest(path) -> Optional[str]:
 
 
 def load_run(run_dir: Path) -> TrainConfig:
-    """The run's TrainConfig. Configs written before ``answer_scoring`` existed scored answer letters."""
-    if not run_dir.is_dir():
-        raise FileNotFoundError(f"run directory {run_dir} does not exist; pass the --output-dir of a training run")
+    """The run's TrainConfig, if it is a finished run (of any method; :func:`blob_pyro.preflight.check_run_dir`).
+    Configs written before ``answer_scoring`` existed scored answer letters."""
+    run_cfg = check_run_dir(run_dir)
     path = run_dir / "config.json"
-    if not path.exists():
-        raise FileNotFoundError(f"{path} is missing: {run_dir} is not a run directory written by blob_pyro.train")
-    run_cfg = TrainConfig.load(path)
     raw = json.loads(path.read_text())
     if "answer_scoring" not in raw and run_cfg.task_type == "causal_lm" and run_cfg.answer_scoring != "letters":
         log(f"{path} predates --answer-scoring: evaluating with 'letters', the only scoring that existed then")
         run_cfg = dataclasses.replace(run_cfg, answer_scoring="letters")
-    if run_cfg.method != "svi":
-        raise ValueError(
-            f"{run_dir} is a --method {run_cfg.method} run; blob_pyro.evaluate rebuilds a guide from adapter.safetensors "
-            "and guide.safetensors, which only --method svi runs write: evaluate an SVI run"
-        )
     return run_cfg
-
-
-def run_task_and_split(run_cfg: TrainConfig, run_dir: Path):
-    """The run's task (falling back to the file recorded in split.json) and the split it used."""
-    recorded = json.loads((run_dir / "split.json").read_text()) if (run_dir / "split.json").exists() else {}
-    try:
-        task = load_task(run_cfg)
-    except FileNotFoundError:
-        if "task" not in recorded:
-            raise
-        task = load_task(dataclasses.replace(run_cfg, task=recorded["task"]))
-    if recorded:  # the split the run actually used, in file indices
-        split = load_split_file(run_dir / "split.json", file_indices=task.file_indices)
-    else:
-        split = make_split(run_cfg, task)
-    return task, split
 
 
 def resolve_eval_tasks(cfg: EvaluateConfig, run_cfg: TrainConfig, run_task, split) -> list[EvalTask]:
@@ -192,7 +172,10 @@ def resolve_eval_tasks(cfg: EvaluateConfig, run_cfg: TrainConfig, run_task, spli
             positions = list(split.validation)[: cfg.max_examples or None]
             held_out = f"the run's validation split (first {len(positions)} of {len(split.validation)}; none seen in training)"
         else:
-            task = load_task(run_cfg, spec, roles=("validation",))
+            try:
+                task = load_task(run_cfg, spec, roles=("validation",))
+            except (FileNotFoundError, ValueError, KeyError, OSError) as err:
+                raise PreflightError(f"--eval-tasks {spec!r} cannot be loaded: {err}") from None
             positions = evaluation_positions(sample_cfg, task)
             held_out = (f"{len(positions)} examples of its evaluation split (whole file if none): stratified sample "
                         f"seeded by the run's --split-seed {run_cfg.split_seed}")
@@ -211,21 +194,6 @@ def resolve_eval_tasks(cfg: EvaluateConfig, run_cfg: TrainConfig, run_task, spli
     return chosen
 
 
-def task_model(run_cfg: TrainConfig, network, tokenizer, task: MultipleChoiceTask, device, *,
-               temperature: Optional[float] = None) -> BayesianLoRAModel:
-    """The adapted network with a likelihood head for ``task`` (its own K; as train's OOD evaluation),
-    its logits divided by ``temperature`` if given."""
-    if uses_answer_letters(run_cfg):
-        head = AnswerTokenHead(answer_token_ids(tokenizer, task.num_choices))
-    elif run_cfg.task_type == "causal_lm":
-        head = ChoiceLikelihoodHead(task.num_choices)
-    else:
-        head = SequenceClassificationHead(task.num_choices)
-    if temperature is not None:
-        head = TemperatureScaledHead(head, temperature)
-    return BayesianLoRAModel(network, head).to(device).eval()
-
-
 def versions() -> dict:
     import transformers
 
@@ -235,10 +203,18 @@ def versions() -> dict:
             "transformers": transformers.__version__, "arviz": arviz.__version__}
 
 
-def prepare_output_dir(cfg: EvaluateConfig, run_dir: Path) -> Path:
-    out = Path(cfg.output_dir) if cfg.output_dir else run_dir / "evaluation"
-    if (out / "metrics.json").exists() and not cfg.overwrite:
-        raise SystemExit(f"error: {out} already holds an evaluation (metrics.json); pass --overwrite or choose another --output-dir")
+EVALUATION_FILES = ("metrics.json", "uncertainty.json", "evaluate_config.json", "evaluate_run.json")
+
+
+def prepare_output_dir(cfg: EvaluateConfig, out: Path) -> Path:
+    """Create the evaluation folder; with ``--overwrite`` first remove an earlier evaluation's files
+    (``metrics.json`` first), so nothing of it survives next to the new one."""
+    check_output_dir(out, overwrite=cfg.overwrite, flag="--output-dir", what="an evaluation")
+    if cfg.overwrite and (out / "metrics.json").exists():
+        (out / "metrics.json").unlink()
+        for path in [*(out / f for f in EVALUATION_FILES), *out.glob("inference_data_*.nc"), *out.glob("per_example_*.json")]:
+            path.unlink(missing_ok=True)
+        shutil.rmtree(out / "plots", ignore_errors=True)
     (out / "plots").mkdir(parents=True, exist_ok=True)
     return out
 
@@ -250,47 +226,51 @@ def _safe(name: str) -> str:
 def evaluate(cfg: EvaluateConfig) -> dict:
     """Evaluate ``cfg.run_dir``; returns ``{"metrics": ..., "uncertainty": ...}`` (also written to files)."""
     run_dir = Path(cfg.run_dir)
-    scaled = temperature_of_run(run_dir)  # (base run, T) for a --method temperature run, else None
-    model_dir, temperature = scaled if scaled else (run_dir, None)
-    run_cfg = load_run(model_dir)
-    out = prepare_output_dir(cfg, run_dir)
-    (out / "evaluate_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
+    run_cfg = load_run(run_dir)  # a finished run of any method, else a PreflightError
+    out = Path(cfg.output_dir) if cfg.output_dir else run_dir / "evaluation"
+    # Every check that needs no model, before the output directory is touched
+    check_output_dir(out, overwrite=cfg.overwrite, flag="--output-dir", what="an evaluation")
+    check_device(cfg.device)
+    check_model(run_cfg.model, flag=f"the run's --model (config.json of {run_dir})")
     pyro.clear_param_store()  # the global param store must not leak tensors between runs
     pyro.set_rng_seed(cfg.seed)
     device = resolve_device(cfg.device)
     wall_start = time.perf_counter()
-
-    # The run's model, rebuilt from its config and validated against its files
+    scaled = temperature_of_run(run_dir)  # (base run, T) for a --method temperature run, else None
+    model_dir, temperature = scaled if scaled else (run_dir, None)
     run_task, split = run_task_and_split(run_cfg, model_dir)
-    pyro.set_rng_seed(run_cfg.seed)  # a sequence classifier's frozen new head is drawn at load time, as in training
-    network, tokenizer = load_network(run_cfg, run_task.num_choices, dtype=resolve_dtype(run_cfg.base_dtype if cfg.base_dtype == "run" else cfg.base_dtype, device))
-    network.to(device)
-    data = prepare_data(run_cfg, run_task, split, tokenizer)
-    model = build_model(run_cfg, network, data)
-    guide = build_guide(run_cfg, model).to(device)
-    load_adapter_and_guide(model_dir, model, guide)  # raises if layer names or shapes differ
-    if temperature is not None:
-        model.head = TemperatureScaledHead(model.head, temperature)
-        log(f"temperature-scaled run: base run {model_dir}, class logits divided by T = {temperature:.4g}")
-    pyro.set_rng_seed(cfg.seed)
-    model.eval()
-    point_estimate = guide.point_estimate
-    num_draws = 1 if point_estimate else cfg.eval_samples
     tasks = resolve_eval_tasks(cfg, run_cfg, run_task, split)
-    log(f"run {run_dir}: guide {run_cfg.guide}, {len(model.adapters)} adapters; "
+
+    # The run's predictive, rebuilt from its config and validated against its files (any method)
+    dtype = None if cfg.base_dtype == "run" else resolve_dtype(cfg.base_dtype, device)
+    predictive = load_run_predictive(run_dir, device=cfg.device, dtype=dtype)
+    pyro.set_rng_seed(cfg.seed)  # loading seeded the RNG with the run's seed (a sequence classifier's new head)
+    model, guide, data = predictive.model, predictive.guide, predictive.data
+    for et in tasks:  # the run's own task: the predictive's copy (its model carries that task's head)
+        if et.task is run_task:
+            et.task = data.task
+    point_estimate = predictive.point_estimate
+    num_draws = 1 if point_estimate else cfg.eval_samples
+    method = run_cfg.method if run_cfg.method != "svi" else f"guide {run_cfg.guide}"
+    log(f"run {run_dir}: {predictive.description}, {len(model.adapters)} adapters; "
         f"{num_draws} draw(s){' (point estimate: every draw is the same)' if point_estimate else ''}; tasks "
         + ", ".join(f"{t.name} ({'ID' if t.role == 'in_distribution' else 'OOD'}, {len(t.positions)})" for t in tasks))
 
-    # Which guide sites go into the posterior group: the sample sites of one guide trace
+    # Which sites go into the posterior group: the sample sites of one guide trace (none for MC dropout,
+    # ensembles and the linearised Laplace predictive)
     probe = batches(data, data.validation, batch_size=1, device=device)[0]
-    posterior_sites = choose_posterior_sites(guide_sample_sites(guide, probe), cfg.posterior_sites)
+    sites = predictive.sample_sites(probe)
+    posterior_sites = choose_posterior_sites(sites, cfg.posterior_sites) if sites else []
 
     # The log_likelihood group: the same S draws on a seeded subsample of the training examples
-    loo = loo_training_draws(cfg, data, run_task, model, guide, num_draws, device)
+    loo = loo_training_draws(cfg, data, data.task, predictive, num_draws, device)
+    out = prepare_output_dir(cfg, out)
+    (out / "evaluate_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
 
     metrics, draws_by_task, parts, curves, examples_used, timings = {}, {}, {}, {}, {}, {}
     common_attrs = {
-        "model": run_cfg.model, "guide": run_cfg.guide, "prior": run_cfg.prior, "prior_scale": run_cfg.prior_scale,
+        "model": run_cfg.model, "method": run_cfg.method, "predictive": predictive.description, "guide": run_cfg.guide,
+        "prior": run_cfg.prior, "prior_scale": run_cfg.prior_scale,
         "rank": run_cfg.rank, "target_modules": run_cfg.target_modules, "train_seed": run_cfg.seed,
         "run_dir": str(run_dir.resolve()), "run_task": run_task.name, "eval_seed": cfg.seed,
         "num_draws": num_draws, "versions": versions(), "run_config": run_cfg.to_dict(),
@@ -300,17 +280,16 @@ def evaluate(cfg: EvaluateConfig) -> dict:
     for et in tasks:
         start = time.perf_counter()
         task = et.task
-        positions, encoded = length_sorted(et.positions, encode_examples(run_cfg, task, tokenizer, [task.examples[i] for i in et.positions]))
+        positions, encoded = length_sorted(et.positions, encode_examples(run_cfg, task, predictive.tokenizer, [task.examples[i] for i in et.positions]))
         task_batches = batches(data, encoded, batch_size=cfg.eval_batch_size, device=device)
         labels = encoded.labels.numpy()
-        tmodel = model if task is run_task else task_model(run_cfg, network, tokenizer, task, device, temperature=temperature)
-        mean_probs = posterior_mean_probs(tmodel, guide, task_batches).numpy()
-        draws = draw_predictive(tmodel, guide, task_batches, num_samples=num_draws, seed=cfg.seed, posterior_sites=posterior_sites)
+        tmodel = predictive.model_for(task)
+        draws = predictive.draws(tmodel, task_batches, num_samples=num_draws, seed=cfg.seed, posterior_sites=posterior_sites)
         file_ids = [int(task.file_indices[i]) if task.file_indices else int(i) for i in positions]
         block = {"role": et.role, "source": task.source, "examples": et.held_out, "n_examples": len(labels),
-                 "num_classes": task.num_choices, "mean": classification_metrics(mean_probs, labels, num_bins=cfg.num_bins)}
-        if not point_estimate:
-            block[mode_name(num_draws)] = classification_metrics(draws.probs.mean(0), labels, num_bins=cfg.num_bins)
+                 "num_classes": task.num_choices}
+        for mode, probs in predictive.modes(tmodel, task_batches, draws).items():  # the method's own predictives
+            block[mode] = classification_metrics(probs, labels, num_bins=cfg.num_bins)
         block["held_out_lpd"] = held_out_lpd(draws.probs, labels)  # sum_i log mean_s p(y_i | theta_s) = -n * NLL
         metrics[et.name] = block
         draws_by_task[et.name] = (draws.probs, labels)
@@ -329,7 +308,7 @@ def evaluate(cfg: EvaluateConfig) -> dict:
         (out / f"per_example_{_safe(et.name)}.json").write_text(
             json.dumps(per_example_table(draws.probs, labels, file_ids), indent=1) + "\n")
         reliability_diagram(draws.probs.mean(0), labels, out / "plots" / f"reliability_{_safe(et.name)}.png", num_bins=cfg.num_bins,
-                            title=f"{et.name} ({'ID' if et.role == 'in_distribution' else 'OOD'}), guide {run_cfg.guide}, "
+                            title=f"{et.name} ({'ID' if et.role == 'in_distribution' else 'OOD'}), {method}, "
                                   f"{'posterior mean' if point_estimate else f'{num_draws} draws'}")
         timings[et.name] = time.perf_counter() - start
         log(f"{et.name}: {len(labels)} examples x ({num_draws} draws + mean) in {timings[et.name]:.1f} s")
@@ -339,32 +318,32 @@ def evaluate(cfg: EvaluateConfig) -> dict:
     summary = summarize_tasks(draws_by_task, id_task=id_name, num_bins=cfg.num_bins)
     summary["num_draws"] = num_draws
     if point_estimate:
-        summary["note"] = "point-estimate guide: one draw, so epistemic uncertainty (mutual information) is 0 by construction"
+        summary["note"] = "point-estimate predictive: one draw, so epistemic uncertainty (mutual information) is 0 by construction"
     if any(t.task.num_choices != tasks[0].task.num_choices for t in tasks):
         summary["note_num_classes"] = ("tasks differ in K: raw entropies are bounded by log K, so compare the "
                                        "*_normalized OOD scores (divided by log K) as well")
     plots = out / "plots"
-    title = f"guide {run_cfg.guide}, {num_draws} draw(s)"
+    title = f"{method}, {num_draws} draw(s)"
     uncertainty_histograms(parts, plots / "uncertainty_histograms.png", id_task=id_name,
                            num_classes={t.name: t.task.num_choices for t in tasks}, title=f"Uncertainty, ID ({id_name}) vs OOD; {title}")
     accuracy_coverage_plot(curves, plots / "accuracy_coverage.png", title=f"Selective prediction ({title})")
-    if guide.has_loc_and_scale():
+    if guide is not None and guide.has_loc_and_scale():
         with torch.no_grad():
             stds = {site: guide.loc_and_scale(site)[1].float().cpu().numpy() for site in guide.site_names}
         summary["posterior_std"] = {site: {"mean": float(s.mean()), "median": float(np.median(s)), "max": float(s.max())}
                                     for site, s in stds.items()}
         posterior_std_per_layer(stds, plots / "posterior_std.png", prior_scale=run_cfg.prior_scale,
                                 title=f"Posterior std of LoRA A per layer (guide {run_cfg.guide}, prior {run_cfg.prior})")
-    if guide.has_loc_and_scale() and not guide.bayesian_B:
+    if guide is not None and guide.has_loc_and_scale() and not guide.bayesian_B:
         summary["weight_space_spread"] = spread_by_layer(model, guide)
 
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    (out / "uncertainty.json").write_text(json.dumps(summary, indent=2) + "\n")
-    (out / "evaluate_run.json").write_text(json.dumps({
+    write_json_atomic(out / "uncertainty.json", summary)
+    write_json_atomic(out / "evaluate_run.json", {
         "wall_seconds": time.perf_counter() - wall_start, "task_seconds": timings, "device": str(device),
         "versions": versions(), "posterior_sites": posterior_sites, "examples": examples_used,
         "log_likelihood_train_file_indices": [int(i) for i in loo["train_example_ids"]],
-    }, indent=2) + "\n")
+    })
+    write_json_atomic(out / "metrics.json", metrics)  # last: marks the evaluation finished
     for name, block in metrics.items():
         modes = {k: v for k, v in block.items() if isinstance(v, dict)}
         print(results_table(modes, title=f"\n{name} ({block['role']}, n = {block['n_examples']})"))
@@ -373,9 +352,9 @@ def evaluate(cfg: EvaluateConfig) -> dict:
     return {"metrics": metrics, "uncertainty": summary}
 
 
-def loo_training_draws(cfg: EvaluateConfig, data, run_task, model, guide, num_draws: int, device) -> dict:
-    """``build_inference_data`` keyword arguments for the ``log_likelihood`` group: the S draws of
-    :func:`draw_predictive` (seeded by ``cfg.seed``, so the same networks as every task's) on
+def loo_training_draws(cfg: EvaluateConfig, data, run_task, predictive, num_draws: int, device) -> dict:
+    """``build_inference_data`` keyword arguments for the ``log_likelihood`` group: the S draws of the run's
+    predictive (:meth:`RunPredictive.draws`, seeded by ``cfg.seed``, so the same networks as every task's) on
     ``cfg.loo_examples`` training examples, a subsample seeded by ``cfg.seed`` (0: all).
 
     Returns ``{"train_probs": (S, m, K), "train_labels": (m,), "train_example_ids": (m,) task-file indices}``.
@@ -385,14 +364,18 @@ def loo_training_draws(cfg: EvaluateConfig, data, run_task, model, guide, num_dr
     chosen = np.sort(np.random.default_rng(cfg.seed).choice(n_train, size=size, replace=False))
     positions, encoded = length_sorted([data.split.train[i] for i in chosen], data.train.select(chosen.tolist()))
     train_batches = batches(data, encoded, batch_size=cfg.eval_batch_size, device=device)
-    draws = draw_predictive(model, guide, train_batches, num_samples=num_draws, seed=cfg.seed)
+    draws = predictive.draws(predictive.model, train_batches, num_samples=num_draws, seed=cfg.seed)
     file_ids = [int(run_task.file_indices[i]) if run_task.file_indices else int(i) for i in positions]
     log(f"log_likelihood group: {size} of {n_train} training examples x {num_draws} draw(s)")
     return {"train_probs": draws.probs, "train_labels": encoded.labels.numpy(), "train_example_ids": file_ids}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict:
-    return evaluate(EvaluateConfig.from_argv(argv))
+    cfg = EvaluateConfig.from_argv(argv)
+    try:
+        return evaluate(cfg)
+    except PreflightError as err:  # a bad input found before anything was written: the message, no traceback
+        raise SystemExit(f"python -m blob_pyro.evaluate: error: {err}") from None
 
 
 if __name__ == "__main__":

@@ -110,11 +110,15 @@ def posterior_mean_adapter(model, guide) -> tuple[dict, dict, dict]:
 def export(cfg: ExportConfig) -> Path:
     """Export ``cfg.run_dir`` to ``cfg.output_dir``; returns the output directory."""
     from blob_pyro.baselines.common import load_run
+    from blob_pyro.preflight import check_device
 
     run_dir, out = Path(cfg.run_dir), Path(cfg.output_dir)
     if not run_dir.is_dir():
         raise ValueError(f"--run-dir {run_dir} does not exist; pass the --output-dir of a finished training run")
     run_cfg = check_exportable(run_dir)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--output-dir {out}: expected a folder for the adapter, found a file; choose another --output-dir")
+    check_device(cfg.device)  # before anything is written
     if (out / ADAPTER_CONFIG_FILE).exists() and not cfg.overwrite:
         raise ValueError(f"--output-dir {out} already holds an adapter ({ADAPTER_CONFIG_FILE}); pass --overwrite or choose another folder")
     loaded = load_run(run_dir, device=cfg.device)  # the run's model and guide, parameters restored

@@ -6,7 +6,10 @@ lists every option.
 
 Output directory: ``config.json``, ``split.json``, ``adapter.safetensors``, ``guide.safetensors``,
 ``metrics.json`` (one entry per prediction mode: ``zero_shot``, ``mean``, ``samples_N``; with ``--eval-tasks``
-also ``"ood": {task: {"mean": ..., "samples_N": ...}}``), ``run.json`` (timings, versions), ``train_log.jsonl``.
+also ``"ood": {task: {"mean": ..., "samples_N": ...}}`` and ``"ood_detection": {task: {score: {"auroc", "aupr",
+...}}}``; written last and atomically: it marks the run finished), ``run.json`` (timings, versions), ``train_log.jsonl``.
+Inputs are checked before the output directory is touched (:mod:`blob_pyro.preflight`); ``--overwrite`` removes
+the old run's files, ``metrics.json`` first, right before the new run writes (:mod:`blob_pyro.rundir`).
 While training: ``checkpoint.safetensors`` (every ``--checkpoint-every`` steps, at the end of training and on
 SIGTERM/SIGINT; removed once ``metrics.json`` is written), which ``--resume`` continues from (:mod:`blob_pyro.resume`).
 """
@@ -31,13 +34,16 @@ from tqdm.auto import tqdm
 from blob_pyro.baselines.common import save_predictions
 from blob_pyro.assembly import (
     batches, build_guide, uses_answer_letters, build_model, build_objective, encode_examples, evaluation_positions, load_network, load_task,
-    length_sorted, make_split, prepare_data, resolve_device, resolve_dtype, training_batches,
+    length_sorted, prepare_data, resolve_device, resolve_dtype, training_batches,
 )
 from blob_pyro.checkpoint import save_adapter_and_guide
 from blob_pyro.config import TrainConfig
 from blob_pyro.data import answer_token_ids, task_spec_name
 from blob_pyro.distributed import DataParallel, check_divisible_epochs, environment_world_size
 from blob_pyro.interrupt import Interrupted, stop_on_signals
+from blob_pyro.ood_eval import detection_blocks
+from blob_pyro.preflight import PreflightError, check_output_dir, check_train_inputs
+from blob_pyro.rundir import clear_run_dir, write_json_atomic, write_text_atomic
 from blob_pyro.resume import (
     check_optimiser_state_restored, checkpoint_path, continue_train_log, open_for_resume, restore_training_state, save_checkpoint,
 )
@@ -57,12 +63,13 @@ def log(message: str) -> None:
 
 
 def prepare_output_dir(cfg: TrainConfig) -> Path:
+    """Create ``--output-dir``; with ``--overwrite`` (not ``--resume``) first remove the old run's files,
+    ``metrics.json`` first (:func:`blob_pyro.rundir.clear_run_dir`; a baseline keeps its sub-runs, which it
+    reuses only if their config matches). Call it after every check, right before the first run file."""
     out = Path(cfg.output_dir)
-    if (out / "metrics.json").exists() and not cfg.overwrite:
-        raise SystemExit(
-            f"error: {out} already holds a finished run (metrics.json); pass --overwrite to replace it "
-            "or choose another --output-dir"
-        )
+    check_output_dir(out, overwrite=cfg.overwrite, resume=cfg.resume and cfg.method == "svi")
+    if cfg.overwrite and not cfg.resume:
+        clear_run_dir(out, keep_sub_runs=cfg.method != "svi", log=log)
     out.mkdir(parents=True, exist_ok=True)
     return out
 
@@ -80,6 +87,7 @@ def train(cfg: TrainConfig) -> dict:
     Under ``torchrun`` (blob_pyro.distributed) every process trains on its shard of each global batch of
     ``processes * batch_size`` examples; rank 0 alone writes files and evaluates, the others return ``{}``.
     """
+    checked = check_train_inputs(cfg)  # every check that needs no model, before the output directory is touched
     peft_adapter = read_initial_adapter(cfg)  # before any file is written: a bad adapter fails fast
     if cfg.method != "svi":  # baselines that are not one SVI run (blob_pyro.baselines)
         if environment_world_size() > 1:
@@ -89,26 +97,23 @@ def train(cfg: TrainConfig) -> dict:
 
         prepare_output_dir(cfg)
         return run_method(cfg)
-    out = prepare_output_dir(cfg)
+    out = Path(cfg.output_dir)
     parallel = DataParallel.from_environment(cfg.device)
     device = resolve_device(cfg.device)
-    checkpoint = open_for_resume(cfg, out, device.type)  # --resume: read and check it before writing anything
-    if parallel.is_main:
-        dataclasses.replace(cfg, resume=False).save(out / "config.json")
+    checkpoint = None
+    if cfg.resume or not cfg.overwrite:  # --resume: read and check it before writing anything
+        checkpoint = open_for_resume(cfg, out, device.type)
     pyro.clear_param_store()  # the global param store must not leak tensors between runs
     pyro.set_rng_seed(cfg.seed)
     pyro.enable_validation(False)  # ~15% faster steps; the unit tests run with validation on
     wall_start = time.perf_counter()
 
-    # Task, split, tokens (tokenized once)
-    task = load_task(cfg)
-    split = make_split(cfg, task)
+    # Task, split, tokens (tokenized once); the checks that need the model run here, before any run file
+    task, split = checked.task, checked.split
     log(f"task {task.name}: {len(task)} examples, {task.num_choices} choices; train {len(split.train)}, validation {len(split.validation)}")
     network, tokenizer = load_network(cfg, task.num_choices, dtype=resolve_dtype(cfg.base_dtype, device))
     network.to(device)
     data = prepare_data(cfg, task, split, tokenizer)  # validation in length order: split.json and predictions follow it
-    if parallel.is_main:
-        (out / "split.json").write_text(json.dumps({"task": task.source, **data.split.remap(task.file_indices).to_dict()}) + "\n")
     val_batches = batches(data, data.validation, batch_size=cfg.eval_batch_size, device=device)
     labels = data.validation.labels
     ood_sets = prepare_ood_tasks(cfg, data, tokenizer, device)  # before training: a bad --eval-tasks fails fast
@@ -126,6 +131,12 @@ def train(cfg: TrainConfig) -> dict:
         parallel.broadcast_parameters([p for p in model.parameters() if p.requires_grad] + list(guide.parameters()))
     log(f"adapted {len(model.adapters)} layers; trainable: "
         f"{sum(p.numel() for p in model.parameters() if p.requires_grad) + sum(p.numel() for p in guide.parameters()):,} numbers")
+
+    # Every check passed: now the run's files (--overwrite removes the old run's first); rank 0 alone writes
+    if parallel.is_main:
+        out = prepare_output_dir(cfg)
+        dataclasses.replace(cfg, resume=False).save(out / "config.json")
+        write_text_atomic(out / "split.json", json.dumps({"task": task.source, **data.split.remap(task.file_indices).to_dict()}) + "\n")
 
     metrics = {}
     model.eval()
@@ -209,9 +220,9 @@ def train(cfg: TrainConfig) -> dict:
     eval_seconds = time.perf_counter() - eval_start
     ood_start = time.perf_counter()
     if ood_sets:
-        metrics["ood"] = evaluate_ood_tasks(cfg, model, guide, ood_sets, num_samples=samples)
+        metrics["ood"], ood_probs = evaluate_ood_tasks(cfg, model, guide, ood_sets, num_samples=samples)
+        metrics["ood_detection"] = detection_blocks((draws if draws is not None else probs["mean"]).numpy(), ood_probs)
     ood_seconds = time.perf_counter() - ood_start
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     run_info = {
         "wall_seconds": time.perf_counter() - wall_start, "train_seconds": train_seconds,
         "eval_seconds": eval_seconds,
@@ -223,9 +234,10 @@ def train(cfg: TrainConfig) -> dict:
         "device": str(device), "versions": versions(), "num_train": len(data.train), "num_validation": len(labels),
         "resumed_at_steps": resumed_at,
     }
-    (out / "run.json").write_text(json.dumps(run_info, indent=2) + "\n")
+    write_json_atomic(out / "run.json", run_info)
+    write_json_atomic(out / "metrics.json", metrics)  # last, atomically: marks the run finished
     checkpoint_path(out).unlink(missing_ok=True)  # finished: metrics.json marks it, the checkpoint is spent
-    in_task = {mode: m for mode, m in metrics.items() if mode != "ood"}
+    in_task = {mode: m for mode, m in metrics.items() if mode not in ("ood", "ood_detection")}
     print(results_table(in_task, title=f"\n{task.name} validation, guide {cfg.guide}, {cfg.max_steps} steps ({out})"))
     for name, block in metrics.get("ood", {}).items():
         print(results_table(block, title=f"\nOOD {name} (trained on {task.name}, not on {name})"))
@@ -270,8 +282,8 @@ def prepare_ood_tasks(cfg: TrainConfig, data, tokenizer, device) -> dict:
 
 def evaluate_ood_tasks(cfg: TrainConfig, model, guide, ood_sets: dict, *, num_samples: int) -> dict:
     """OOD protocol (BLoB section 4): the trained posterior, no training on these tasks.
-    Returns ``{name: {"mean": metrics, "samples_N": metrics}}``."""
-    results = {}
+    Returns ``({name: {"mean": metrics, "samples_N": metrics}}, {name: (N, n, K) draws, or (n, K) for N = 0})``."""
+    results, draws = {}, {}
     trained_head = model.head
     try:
         for name, s in ood_sets.items():
@@ -280,15 +292,20 @@ def evaluate_ood_tasks(cfg: TrainConfig, model, guide, ood_sets: dict, *, num_sa
             elif isinstance(trained_head, ChoiceLikelihoodHead):  # the OOD task may have another K
                 model.head = ChoiceLikelihoodHead(s["task"].num_choices)
             log(f"OOD evaluation on {name}:")
-            results[name], _ = evaluate_modes(model, guide, s["batches"], s["labels"], num_samples=num_samples, log=log)
+            results[name], probs = evaluate_modes(model, guide, s["batches"], s["labels"], num_samples=num_samples, log=log)
+            draws[name] = (probs["samples"] if probs["samples"] is not None else probs["mean"]).numpy()
             model.head = trained_head
     finally:
         model.head = trained_head
-    return results
+    return results, draws
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict:
-    return train(TrainConfig.from_argv(argv))
+    cfg = TrainConfig.from_argv(argv)
+    try:
+        return train(cfg)
+    except PreflightError as err:  # a bad input found before anything was written: the message, no traceback
+        raise SystemExit(f"python -m blob_pyro.train: error: {err}") from None
 
 
 if __name__ == "__main__":

@@ -259,9 +259,9 @@ def test_post_hoc_baselines_reuse_a_matching_base_run_and_reject_a_mismatch(tmp_
                      "--ensemble-size", "2", "--base-run", str(base)))
     assert ens["member_0"] == base_metrics["mean"] and (tmp_path / "ens" / "member_1").exists()
     assert not (tmp_path / "ens" / "member_0").exists()
-    with pytest.raises(ValueError, match=r"does not match this run \(rank: run has 2, this run needs 4"):
+    with pytest.raises(SystemExit, match=r"does not match this run \(rank: run has 2, this run needs 4"):
         main(_args(tiny_causal_lm_dir, task, tmp_path / "bad", "--method", "tfb", "--guide", "mle", "--base-run", str(base), "--rank", "4"))
-    with pytest.raises(ValueError, match="no config.json"):
+    with pytest.raises(SystemExit, match="no config.json"):
         main(_args(tiny_causal_lm_dir, task, tmp_path / "bad2", "--method", "tfb", "--guide", "mle", "--base-run", str(tmp_path)))
 
 

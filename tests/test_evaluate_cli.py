@@ -225,11 +225,12 @@ def test_checkpoint_that_does_not_match_the_config_fails_clearly(blob_run, tmp_p
 
 
 def test_missing_run_files_fail_clearly(blob_run, tmp_path):
-    with pytest.raises(FileNotFoundError, match="run directory .* does not exist"):
+    with pytest.raises(SystemExit, match="--run-dir .*nope: expected the --output-dir of a training run, found no such directory"):
         _evaluate(tmp_path / "nope", tmp_path / "eval")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(FileNotFoundError, match="config.json is missing"):
+    with pytest.raises(SystemExit, match="expected config.json, found none"):
         _evaluate(tmp_path / "empty", tmp_path / "eval")
+    assert not (tmp_path / "eval").exists()
     run = tmp_path / "no_guide"
     shutil.copytree(blob_run, run, ignore=shutil.ignore_patterns("evaluation", "guide.safetensors"))
     with pytest.raises(FileNotFoundError, match="guide.safetensors is missing"):

@@ -165,10 +165,10 @@ def test_temperature_scales_the_base_runs_logits_and_refuses_a_run_without_calib
 
     plain = tmp_path / "plain"
     main(_args(tiny_causal_lm_dir, task, plain, "--guide", "mle"))
-    with pytest.raises(ValueError, match=r"no calibration examples .* retrain the base run with --num-calibration K"):
+    with pytest.raises(SystemExit, match=r"no calibration examples .* retrain the base run with --num-calibration K"):
         main(_args(tiny_causal_lm_dir, task, tmp_path / "bad", "--method", "temperature", "--guide", "mle",
                    "--num-calibration", "4", "--base-run", str(plain)))
-    with pytest.raises(ValueError, match="does not match this run \\(num_calibration: run has 4, this run needs 6"):
+    with pytest.raises(SystemExit, match="does not match this run \\(num_calibration: run has 4, this run needs 6"):
         main(_args(tiny_causal_lm_dir, task, tmp_path / "bad2", "--method", "temperature", "--guide", "mle",
                    "--num-calibration", "6", "--base-run", str(base)))
     with pytest.raises(ValueError, match="pass --num-calibration K"):

@@ -50,7 +50,8 @@ def test_causal_lm_table_task_with_ood_eval_tasks(tmp_path, tiny_models, capsys)
         "--eval-tasks", f"{write_rows(tmp_path / 'claims.jsonl', ood_rows)},{bigbench}", "--eval-task-size", "6",
         *common_flags(tmp_path, "run"),
     ])
-    assert set(metrics) == {"zero_shot", "mean", "samples_2", "ood"}
+    assert set(metrics) == {"zero_shot", "mean", "samples_2", "ood", "ood_detection"}
+    assert set(metrics["ood_detection"]) == {"claims", "yesno"} and 0 <= metrics["ood_detection"]["claims"]["entropy"]["auroc"] <= 1
     assert set(metrics["ood"]) == {"claims", "yesno"}
     for block in metrics["ood"].values():
         assert set(block) == {"mean", "samples_2"} and block["mean"]["n_examples"] == 6
@@ -64,11 +65,11 @@ def test_causal_lm_table_task_with_ood_eval_tasks(tmp_path, tiny_models, capsys)
 
 
 def test_bad_eval_task_fails_before_training(tmp_path, tiny_models):
-    with pytest.raises(FileNotFoundError, match="task 'missing.jsonl' is not a file"):
+    with pytest.raises(SystemExit, match="--eval-tasks 'missing.jsonl' cannot be loaded: task 'missing.jsonl' is not a file"):
         main(["--model", str(tiny_models / "llama"), "--task", write_rows(tmp_path / "qa.jsonl", [
             {"question": q, "choices": c, "label": y} for q, c, y in QA * 4]), "--num-train", "6", "--num-validation", "3",
             "--eval-tasks", "missing.jsonl", *common_flags(tmp_path, "bad")])
-    assert not (tmp_path / "bad" / "train_log.jsonl").exists()
+    assert not (tmp_path / "bad").exists()  # checked before the output directory is touched
 
 
 def test_sequence_classification_adapts_query_value_and_classifier(tmp_path, tiny_models):
@@ -94,7 +95,7 @@ def test_sequence_classification_adapts_query_value_and_classifier(tmp_path, tin
 def test_sequence_classifier_rejects_ood_task_with_other_class_count(tmp_path, tiny_models):
     rows = [{"text": f"t{i}", "label": ["a", "b"][i % 2]} for i in range(12)]
     three = [{"text": f"t{i}", "label": ["a", "b", "c"][i % 3]} for i in range(9)]
-    with pytest.raises(ValueError, match=r"3 classes, but the classifier head has 2 .*same classes"):
+    with pytest.raises(SystemExit, match=r"expected 2 classes \(the classifier head of two\), found 3; .*same classes"):
         main(["--model", str(tiny_models / "bert"), "--task-type", "sequence_classification",
               "--task", write_rows(tmp_path / "two.jsonl", rows), "--num-train", "6", "--num-validation", "4",
               "--target-modules", "query,value,classifier", "--eval-tasks", write_rows(tmp_path / "three.jsonl", three),

@@ -2,7 +2,10 @@
 
 ``run_method(cfg)`` runs ``cfg.method`` (``python -m blob_pyro.train --method <name>``) and writes the same
 files as a training run (``config.json``, ``metrics.json``, ``predictions.npz``, ``run.json``) into
-``cfg.output_dir``; the runs it builds on live in sub-directories and are reused when finished.
+``cfg.output_dir``; the runs it builds on live in sub-directories and are reused when finished with a matching
+config. Each module also implements ``load_predictive(run_dir, cfg, *, device, dtype)``: the finished run's
+:class:`blob_pyro.run_predictive.RunPredictive` (draws ``(S, n, K)``, point estimate, its prediction modes),
+through which ``python -m blob_pyro.evaluate`` and ``--eval-tasks`` analyse every method alike.
 
 A baseline is one file in this package whose ``run(cfg) -> metrics`` is decorated with
 :func:`register_method` (its name, its ``--method`` help, how ``blob_pyro.compare`` runs it and which run it
@@ -40,6 +43,20 @@ class Method:
     help: str
     compare: dict = field(default_factory=dict)
     base_method: Optional[str] = None
+
+    @property
+    def module(self) -> str:
+        """The module that defines the method (its ``run`` and ``load_predictive``)."""
+        return self.run.__module__
+
+    @property
+    def load_predictive(self) -> Callable:
+        """The module's ``load_predictive(run_dir, cfg, *, device, dtype)`` (a finished run's RunPredictive)."""
+        try:
+            return getattr(importlib.import_module(self.module), "load_predictive")
+        except AttributeError:
+            raise NotImplementedError(f"baseline {self.name!r} ({self.module}) defines no load_predictive(run_dir, cfg, *, "
+                                      "device, dtype)") from None
 
 
 #: ``name -> Method``; filled by :func:`register_method` (read it through :func:`registered_methods`).

@@ -54,7 +54,7 @@ def load_predictions(run_dir) -> tuple[dict, np.ndarray]:
 def primary_mode(metrics: dict) -> str:
     """The mode that represents a method in comparison tables: its sampled predictive (``samples_N``,
     the paper's BLoB N = 10) if any, else any other non-baseline mode, else the point estimate ``mean``."""
-    modes = [m for m in metrics if m not in ("zero_shot", "ood") and isinstance(metrics[m], dict)]
+    modes = [m for m in metrics if m not in ("zero_shot", "ood", "ood_detection") and isinstance(metrics[m], dict)]
     for prefix in ("samples_",):
         sampled = [m for m in modes if m.startswith(prefix)]
         if sampled:
@@ -76,6 +76,7 @@ class LoadedRun:
     guide: object
     data: object
     device: torch.device
+    tokenizer: object = None
 
     def validation_batches(self, batch_size: Optional[int] = None) -> list:
         from blob_pyro.assembly import batches
@@ -83,14 +84,15 @@ class LoadedRun:
         return batches(self.data, self.data.validation, batch_size=batch_size or self.cfg.eval_batch_size, device=self.device)
 
 
-def load_run(run_dir, *, network=None, tokenizer=None, device: Optional[str] = None) -> LoadedRun:
+def load_run(run_dir, *, network=None, tokenizer=None, device: Optional[str] = None, dtype=None) -> LoadedRun:
     """Rebuild model, guide and tokenized data of the run in ``run_dir`` and restore its parameters.
 
     :param network, tokenizer: a fresh (never adapted) pretrained network and its tokenizer, to skip
         loading them again (a sequence classifier's must have been loaded right after
         ``pyro.set_rng_seed(run seed)``, or its frozen random head differs from the run's); default: loaded
         from the run's config.
-    :param device: where to rebuild it (default: the run's ``--device``).
+    :param device: where to rebuild it (default: the run's ``--device``). :param dtype: of the frozen base
+        (default: the run's ``--base-dtype``).
     """
     from blob_pyro.assembly import (
         build_guide, build_model, load_network, load_task, make_split, prepare_data, resolve_device, resolve_dtype,
@@ -107,27 +109,39 @@ def load_run(run_dir, *, network=None, tokenizer=None, device: Optional[str] = N
     task = load_task(cfg)
     split = make_split(cfg, task)
     if network is None:
-        network, tokenizer = load_network(cfg, task.num_choices, dtype=resolve_dtype(cfg.base_dtype, device))
+        network, tokenizer = load_network(cfg, task.num_choices, dtype=dtype or resolve_dtype(cfg.base_dtype, device))
     network.to(device)
     data = prepare_data(cfg, task, split, tokenizer)
     model = build_model(cfg, network, data)
     guide = build_guide(cfg, model).to(device)
     load_adapter_and_guide(run_dir, model, guide)
     model.eval()
-    return LoadedRun(cfg, model, guide, data, device)
+    return LoadedRun(cfg, model, guide, data, device, tokenizer)
 
 
-def write_baseline_run(cfg: TrainConfig, metrics: dict, probs_by_mode: dict, labels, info: dict) -> dict:
-    """Write a baseline's ``config.json``, ``metrics.json``, ``predictions.npz`` and ``run.json``."""
+def write_baseline_run(cfg: TrainConfig, metrics: dict, probs_by_mode: dict, labels, info: dict, *, predictive=None) -> dict:
+    """Write a baseline's ``config.json``, ``predictions.npz`` and ``run.json``; with ``--eval-tasks`` evaluate
+    them through the run's predictive (``predictive``, else :func:`blob_pyro.run_predictive.load_run_predictive`
+    of the files just written) into ``metrics["ood"]`` / ``metrics["ood_detection"]``; ``metrics.json`` last,
+    atomically (it marks the run finished)."""
     from blob_pyro.evaluation.report import results_table
+    from blob_pyro.rundir import write_json_atomic
 
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     cfg.save(out / "config.json")
     save_predictions(out, probs_by_mode, labels)
-    (out / "run.json").write_text(json.dumps(info, indent=2) + "\n")
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")  # last: marks the run finished
-    print(results_table(metrics, title=f"\nmethod {cfg.method} ({out})"))
+    write_json_atomic(out / "run.json", info)
+    if cfg.eval_task_specs:
+        from blob_pyro.ood_eval import evaluate_ood_tasks_with
+        from blob_pyro.run_predictive import load_run_predictive
+
+        predictive = predictive or load_run_predictive(out, device=cfg.device)
+        metrics["ood"], metrics["ood_detection"] = evaluate_ood_tasks_with(predictive, cfg)
+    write_json_atomic(out / "metrics.json", metrics)  # last: marks the run finished
+    print(results_table({k: v for k, v in metrics.items() if k not in ("ood", "ood_detection")}, title=f"\nmethod {cfg.method} ({out})"))
+    for name, block in metrics.get("ood", {}).items():
+        print(results_table(block, title=f"\nOOD {name} (method {cfg.method})"))
     return metrics
 
 
@@ -171,10 +185,20 @@ def train_base_run(cfg: TrainConfig, subdir: str, **overrides) -> Path:
         return check_base_run(cfg, cfg.base_run, **{k: v for k, v in overrides.items() if k != "seed"})
     from blob_pyro.resume import checkpoint_path
 
+    from blob_pyro.rundir import POST_HOC_FIELDS, config_differences_for_reuse, describe_differences, read_config_dict
+
     run_dir = Path(cfg.output_dir) / subdir
-    if not (run_dir / "metrics.json").exists():
-        resume = cfg.resume and checkpoint_path(run_dir).exists()
-        train(replace(cfg, method="svi", output_dir=str(run_dir), overwrite=True, resume=resume, **overrides))
+    # The sub-run evaluates no --eval-tasks itself: the baseline evaluates them through its own predictive.
+    sub_cfg = replace(cfg, method="svi", output_dir=str(run_dir), overwrite=True, resume=False, eval_tasks="", **overrides)
+    if (run_dir / "metrics.json").exists():
+        differ = config_differences_for_reuse(read_config_dict(run_dir) or {"config.json": "unreadable"}, sub_cfg.to_dict(),
+                                              ignore=(*POST_HOC_FIELDS, "eval_tasks", "eval_task_size"))
+        if not differ:
+            print(f"reusing the finished sub-run {run_dir} (its config matches)")
+            return run_dir
+        print(f"the finished sub-run {run_dir} was trained with another config ({describe_differences(differ)}): training it again")
+    resume = cfg.resume and checkpoint_path(run_dir).exists()
+    train(replace(sub_cfg, resume=resume))
     return run_dir
 
 

@@ -36,13 +36,16 @@ from blob_pyro.models.adapt import with_random_B
 from blob_pyro.models.bayesian_model import extra_batch_inputs
 from blob_pyro.evaluation.predictive import sample_probs
 
+from blob_pyro.run_predictive import RunPredictive
+
 from . import register_method
 from .common import FixedGaussianGuide, load_run, read_metrics, train_base_run, write_baseline_run
 from .kfac import KroneckerGaussianGuide, KroneckerPosterior, kfac_curvature
 
 __all__ = [
     "diagonal_curvature", "log_marginal_likelihood", "tune_prior_precision", "posterior_variance",
-    "probit_predictive", "run",
+    "probit_predictive", "LaplaceFit", "fit_laplace", "probit_moments", "LaplaceProbitPredictive", "laplace_predictive",
+    "load_predictive", "run",
 ]
 
 
@@ -165,6 +168,70 @@ def _kfac_posterior(model, theta: dict, logits_fn, examples, n_train: int, prior
     return _Posterior(lam, guide, lambda site, g: posteriors[site].quadratic_form(g), mean_std)
 
 
+@dataclass
+class LaplaceFit:
+    """A Laplace posterior fitted to a loaded base run: ``model`` (the base run's network, rebuilt with B a
+    sample site: use it, not the loaded model), ``theta`` = ``{site: leaf tensor}`` (A and B at the MAP),
+    ``posterior``, and the curvature's cost."""
+
+    model: object
+    theta: dict
+    posterior: _Posterior
+    used: int
+    curvature_seconds: float
+
+    def logits_fn(self, model):
+        """One example -> ``(1, K)`` logits of ``model`` at ``theta``, differentiable in ``theta``."""
+        def logits(example):
+            with _at(self.theta):
+                return model.class_logits(example["input_ids"], example["attention_mask"], **extra_batch_inputs(example))
+        return logits
+
+
+def fit_laplace(cfg, loaded) -> LaplaceFit:
+    """Curvature on ``--laplace-examples`` training examples of the base run, prior precision, posterior
+    (deterministic given the base run and the config)."""
+    from blob_pyro.assembly import batches as make_batches
+
+    data = loaded.data
+    # theta* = (A, B) of every adapter as leaf tensors, in a model rebuilt with B a (conditioned) sample site
+    means = loaded.guide.posterior_mean()
+    model = with_random_B(loaded.model)
+    theta = {}
+    for site, layer in model.adapters.items():
+        theta[site] = means[site].detach().clone().requires_grad_(True)
+        theta[layer.site_name_B] = layer.lora_B.detach().clone().requires_grad_(True)
+    fit = LaplaceFit(model, theta, None, 0, 0.0)
+    logits_fn = fit.logits_fn(model)
+    n_train = len(data.train)
+    used = n_train if cfg.laplace_examples == 0 else min(cfg.laplace_examples, n_train)
+    examples = _single_examples(make_batches(data, data.train.first(used), batch_size=1, device=loaded.device))
+    curvature_start = time.perf_counter()
+    if cfg.laplace_hessian == "kfac":
+        posterior = _kfac_posterior(model, theta, logits_fn, examples, n_train, cfg.laplace_prior_precision)
+    else:
+        posterior = _diagonal_posterior(model, theta, logits_fn, examples, n_train / used, cfg.laplace_hessian,
+                                        cfg.laplace_prior_precision)
+    fit.posterior, fit.used, fit.curvature_seconds = posterior, used, time.perf_counter() - curvature_start
+    return fit
+
+
+def probit_moments(fit: LaplaceFit, model, batches) -> tuple[torch.Tensor, torch.Tensor]:
+    """Linearised logits per example: mean ``mu`` and per-class variance ``J_k Sigma J_k^T``, both ``(n, K)`` float64."""
+    names, params = list(fit.theta), list(fit.theta.values())
+    logits_fn = fit.logits_fn(model)
+    mus, variances = [], []
+    for example in _single_examples(batches):
+        logits = logits_fn(example)[0]
+        var = torch.zeros_like(logits, dtype=torch.float64)
+        for c in range(logits.numel()):
+            grads = torch.autograd.grad(logits[c], params, retain_graph=c < logits.numel() - 1, allow_unused=True)
+            var[c] = sum(fit.posterior.quadratic_form(site, g) for site, g in zip(names, grads) if g is not None)
+        mus.append(logits.detach().double())
+        variances.append(var)
+    return torch.stack(mus), torch.stack(variances)
+
+
 @register_method(
     "laplace", help="post-hoc Laplace over the LoRA parameters of a --guide map/mle run",
     compare={"laplace": ["--guide", "map"],  # Laplace-LoRA as the paper runs it: KFAC GGN, linearised (probit) predictive
@@ -176,32 +243,10 @@ def run(cfg) -> dict:
     base = train_base_run(cfg, "base")
     loaded = load_run(base)
     data = loaded.data
-    from blob_pyro.assembly import batches as make_batches
-
-    # theta* = (A, B) of every adapter as leaf tensors, in a model rebuilt with B a (conditioned) sample site
-    means = loaded.guide.posterior_mean()
-    model = with_random_B(loaded.model)
-    theta = {}
-    for site, layer in model.adapters.items():
-        theta[site] = means[site].detach().clone().requires_grad_(True)
-        theta[layer.site_name_B] = layer.lora_B.detach().clone().requires_grad_(True)
-    names, params = list(theta), list(theta.values())
-
-    def logits_fn(example):
-        with _at(theta):
-            return model.class_logits(example["input_ids"], example["attention_mask"], **extra_batch_inputs(example))
-
-    n_train = len(data.train)
-    used = n_train if cfg.laplace_examples == 0 else min(cfg.laplace_examples, n_train)
-    examples = _single_examples(make_batches(data, data.train.first(used), batch_size=1, device=loaded.device))
-    curvature_start = time.perf_counter()
-    if cfg.laplace_hessian == "kfac":
-        posterior = _kfac_posterior(model, theta, logits_fn, examples, n_train, cfg.laplace_prior_precision)
-    else:
-        posterior = _diagonal_posterior(model, theta, logits_fn, examples, n_train / used, cfg.laplace_hessian,
-                                        cfg.laplace_prior_precision)
-    curvature_seconds = time.perf_counter() - curvature_start
-    lam, flat = posterior.prior_precision, torch.cat([p.detach().reshape(-1) for p in params])
+    fit = fit_laplace(cfg, loaded)
+    model = fit.model  # B a sample site
+    posterior, curvature_seconds, used = fit.posterior, fit.curvature_seconds, fit.used
+    lam, flat = posterior.prior_precision, torch.cat([p.detach().reshape(-1) for p in fit.theta.values()])
 
     val_batches = loaded.validation_batches()
     labels = data.validation.labels
@@ -212,15 +257,7 @@ def run(cfg) -> dict:
         probs = sample_probs(model, posterior.guide, val_batches, num_samples=samples).mean(0)
     else:
         name = "probit"
-        rows = []
-        for example in _single_examples(val_batches):
-            logits = logits_fn(example)[0]
-            var = torch.zeros_like(logits, dtype=torch.float64)
-            for c in range(logits.numel()):
-                grads = torch.autograd.grad(logits[c], params, retain_graph=c < logits.numel() - 1, allow_unused=True)
-                var[c] = sum(posterior.quadratic_form(site, g) for site, g in zip(names, grads) if g is not None)
-            rows.append(probit_predictive(logits.detach().double().unsqueeze(0), var.unsqueeze(0)))
-        probs = torch.cat(rows).float()
+        probs = probit_predictive(*probit_moments(fit, model, val_batches)).float()
     base_metrics = read_metrics(base)
     metrics = {k: base_metrics[k] for k in ("zero_shot", "mean") if k in base_metrics}
     metrics[name] = classification_metrics(probs.numpy(), labels.numpy())
@@ -230,4 +267,68 @@ def run(cfg) -> dict:
             "mean_posterior_std": posterior.mean_std, "predictive": cfg.laplace_predictive,
             "wall_seconds": time.perf_counter() - start}
     print(f"Laplace: lambda = {lam:.4g}, mean posterior std {info['mean_posterior_std']:.4g} over {flat.numel():,} parameters")
-    return write_baseline_run(cfg, metrics, {name: probs}, labels, info)
+    predictive = laplace_predictive(cfg, loaded, fit) if cfg.eval_task_specs else None
+    return write_baseline_run(cfg, metrics, {name: probs}, labels, info, predictive=predictive)
+
+
+@dataclass
+class LaplaceProbitPredictive(RunPredictive):
+    """``--laplace-predictive probit``: modes ``mean`` (MAP), ``probit`` (:func:`probit_predictive` of the
+    linearised logits) and ``linearised_<S>``; the draws are ``softmax(mu + sqrt(var) z)``, ``z ~ N(0, I)``
+    per class (the per-class Gaussian the probit approximation integrates), seeded by ``draw_seed(seed, s)``."""
+
+    fit: LaplaceFit = None
+
+    def point_probs(self, model, batches):
+        from blob_pyro.evaluation.predictive import posterior_mean_probs
+
+        return posterior_mean_probs(model, self.fit.posterior.guide, batches).numpy()
+
+    def draws(self, model, batches, *, num_samples, seed, posterior_sites=()):
+        from blob_pyro.evaluation.inference_data import PredictiveDraws, draw_seed
+
+        mu, var = (t.numpy() for t in self._moments(model, batches))
+        probs, labels, seeds = [], [], []
+        for s in range(num_samples):
+            seeds.append(draw_seed(seed, s))
+            rng = np.random.default_rng(seeds[-1])
+            logits = mu + np.sqrt(np.maximum(var, 0.0)) * rng.standard_normal(mu.shape)
+            p = np.exp(logits - logits.max(-1, keepdims=True))
+            p /= p.sum(-1, keepdims=True)
+            probs.append(p.astype(np.float32))
+            labels.append(np.array([rng.choice(p.shape[-1], p=row / row.sum()) for row in p], dtype=np.int64))
+        return PredictiveDraws(probs=np.stack(probs), sampled_labels=np.stack(labels), posterior={}, seeds=seeds)
+
+    def _moments(self, model, batches):
+        """:func:`probit_moments`, kept for the last batch list (``draws`` then ``modes`` on the same batches)."""
+        key = (id(model), id(batches))
+        if getattr(self, "_cache", (None,))[0] != key:
+            self._cache = (key, probit_moments(self.fit, model, batches))
+        return self._cache[1]
+
+    def modes(self, model, batches, draws):
+        mu, var = self._moments(model, batches)
+        return {"mean": self.point_probs(model, batches), "probit": probit_predictive(mu, var).float().numpy(),
+                f"linearised_{draws.num_draws}": draws.probs.mean(0)}
+
+
+def laplace_predictive(cfg, loaded, fit: LaplaceFit) -> RunPredictive:
+    """The :class:`~blob_pyro.run_predictive.RunPredictive` of a fitted Laplace posterior: draws of A and B
+    (``mc``) or the linearised predictive (``probit``)."""
+    from blob_pyro.run_predictive import GuidePredictive
+
+    common = dict(method="laplace", cfg=loaded.cfg, model=fit.model, data=loaded.data, tokenizer=loaded.tokenizer,
+                  device=loaded.device, guide=fit.posterior.guide,
+                  description=f"Laplace {cfg.laplace_hessian} ({cfg.laplace_predictive}), lambda = {fit.posterior.prior_precision:.3g}")
+    if cfg.laplace_predictive == "probit":
+        return LaplaceProbitPredictive(**common, fit=fit)
+    return GuidePredictive(**common)
+
+
+def load_predictive(run_dir, cfg, *, device=None, dtype=None) -> RunPredictive:
+    """Refit the Laplace posterior to the run's base run (the curvature pass again: deterministic, the same
+    posterior as the run's; no posterior file is stored) and return its predictive."""
+    from blob_pyro.run_predictive import base_run_dir
+
+    loaded = load_run(base_run_dir(run_dir, cfg), device=device, dtype=dtype)
+    return laplace_predictive(cfg, loaded, fit_laplace(cfg, loaded))

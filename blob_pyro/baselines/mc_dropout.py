@@ -5,6 +5,7 @@ keep the adapters' dropout on at test time and average the softmax over ``--eval
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
 
 import torch
 
@@ -14,22 +15,42 @@ from blob_pyro.evaluation.predictive import posterior_mean_probs
 from . import register_method
 from .common import load_run, read_metrics, train_base_run, write_baseline_run
 
-__all__ = ["mc_dropout_probs", "run"]
+__all__ = ["dropout_on", "mc_dropout_probs", "load_predictive", "run"]
 
 
-@torch.no_grad()
-def mc_dropout_probs(model, guide, batches, *, num_samples: int) -> torch.Tensor:
-    """``(num_samples, n, K)`` probabilities with the adapters' dropout on (the rest of the model in eval)."""
+@contextmanager
+def dropout_on(model):
+    """Inside: the adapters' dropout in train mode (a fresh mask per pass), the rest of ``model`` as it was."""
     dropouts = [layer._modules["lora_dropout"] for layer in model.adapters.values()]
     if not any(isinstance(d, torch.nn.Dropout) for d in dropouts):
         raise ValueError("the model's adapters have no dropout: train with --lora-dropout > 0 for MC dropout")
     try:
         for d in dropouts:
             d.train()
-        return torch.stack([posterior_mean_probs(model, guide, batches) for _ in range(num_samples)])
+        yield model
     finally:
         for d in dropouts:
             d.eval()
+
+
+@torch.no_grad()
+def mc_dropout_probs(model, guide, batches, *, num_samples: int) -> torch.Tensor:
+    """``(num_samples, n, K)`` probabilities with the adapters' dropout on (the rest of the model in eval)."""
+    with dropout_on(model):
+        return torch.stack([posterior_mean_probs(model, guide, batches) for _ in range(num_samples)])
+
+
+def load_predictive(run_dir, cfg, *, device=None, dtype=None):
+    """The run's :class:`~blob_pyro.run_predictive.RunPredictive`: the base run's network, its point estimate
+    as ``mean``, and draws with the adapters' dropout on (draw s seeded, so the same masks' stream per task)."""
+    from blob_pyro.run_predictive import GuidePredictive, base_run_dir
+
+    loaded = load_run(base_run_dir(run_dir, cfg), device=device, dtype=dtype)
+    return GuidePredictive(
+        method="mc_dropout", description=f"MC dropout p = {cfg.lora_dropout}", cfg=loaded.cfg, model=loaded.model,
+        data=loaded.data, tokenizer=loaded.tokenizer, device=loaded.device, point_estimate=False, guide=loaded.guide,
+        draw_context=dropout_on, record_sites=False,
+    )
 
 
 @register_method("mc_dropout", help="LoRA dropout kept on at test, --eval-samples passes; needs --lora-dropout > 0",

@@ -21,8 +21,12 @@ import time
 from pathlib import Path
 from typing import Optional
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
+
+from blob_pyro.run_predictive import GuidePredictive
 
 from blob_pyro.evaluation.metrics import classification_metrics
 
@@ -31,7 +35,7 @@ from .common import load_run, read_metrics, train_base_run, write_baseline_run
 
 __all__ = [
     "MIN_TEMPERATURE", "MAX_TEMPERATURE", "fit_temperature", "temperature_nll", "TemperatureScaledHead",
-    "require_calibration_split", "temperature_of_run", "run",
+    "require_calibration_split", "temperature_of_run", "load_predictive", "run",
 ]
 
 MIN_TEMPERATURE, MAX_TEMPERATURE = 1e-2, 1e2
@@ -159,3 +163,34 @@ def run(cfg) -> dict:
     print(f"temperature scaling: T = {temperature:.4g} fitted on {len(cal_labels)} calibration examples "
           f"(calibration NLL {info['calibration_nll_before']:.4f} -> {info['calibration_nll_after']:.4f})")
     return write_baseline_run(cfg, metrics, {"mean": probs.float()}, labels, info)
+
+
+def load_predictive(run_dir, cfg, *, device=None, dtype=None):
+    """The run's :class:`~blob_pyro.run_predictive.RunPredictive`: its base run's guide (posterior mean and
+    draws, as the base run's) with every class logit divided by the fitted ``T`` (also on other tasks' heads)."""
+    from blob_pyro.run_predictive import load_svi_run
+
+    base_dir, temperature = temperature_of_run(run_dir)
+    loaded = load_svi_run(base_dir, device=device, dtype=dtype)
+    loaded.model.head = TemperatureScaledHead(loaded.model.head, temperature)
+    guide = loaded.guide
+    return TemperaturePredictive(
+        method="temperature", description=f"temperature-scaled {loaded.cfg.guide} run (T = {temperature:.4g})", cfg=loaded.cfg,
+        model=loaded.model, data=loaded.data, tokenizer=loaded.tokenizer, device=loaded.device, guide=guide,
+        point_estimate=getattr(guide, "point_estimate", not guide.scores_prior), temperature=temperature, base_dir=Path(base_dir),
+    )
+
+
+
+@dataclass
+class TemperaturePredictive(GuidePredictive):
+    """:class:`~blob_pyro.run_predictive.GuidePredictive` whose every head divides its logits by ``temperature``."""
+
+    temperature: float = 1.0
+    base_dir: Optional[Path] = None
+
+    def model_for(self, task):
+        model = super().model_for(task)
+        if task is not self.data.task:
+            model.head = TemperatureScaledHead(model.head, self.temperature)
+        return model

@@ -23,7 +23,7 @@ from blob_pyro.evaluation.predictive import posterior_mean_probs, sample_probs
 from . import register_method
 from .common import FixedGaussianGuide, load_run, read_metrics, train_base_run, write_baseline_run
 
-__all__ = ["largest_admissible_std", "scaled", "tfb_posterior", "run"]
+__all__ = ["largest_admissible_std", "scaled", "tfb_posterior", "load_predictive", "run"]
 
 MIN_SINGULAR_VALUE = 1e-6
 
@@ -121,6 +121,25 @@ def run(cfg) -> dict:
             "search": trace, "search_samples": search_samples, "num_samples": samples, "wall_seconds": time.perf_counter() - start}
     print(f"TFB: sigma = {sigma:.4g} (anchor NLL {base_nll:.4f}, tolerance {cfg.tfb_nll_tolerance})")
     return write_baseline_run(cfg, metrics, {name: draws.mean(0)}, labels, info)
+
+
+def load_predictive(run_dir, cfg, *, device=None, dtype=None):
+    """The run's :class:`~blob_pyro.run_predictive.RunPredictive`: its base run rotated as in :func:`tfb_posterior`
+    with the ``sigma`` its search chose (``run.json``; deterministic, no search again), draws from ``q(A')``."""
+    import json
+    from pathlib import Path
+
+    from blob_pyro.run_predictive import GuidePredictive, base_run_dir
+
+    info = json.loads((Path(run_dir) / "run.json").read_text())
+    sigma = float(info["sigma"])
+    loaded = load_run(base_run_dir(run_dir, cfg), device=device, dtype=dtype)
+    locs, unit_scales = tfb_posterior(loaded.model, loaded.guide, 1.0)
+    guide = FixedGaussianGuide(loaded.model, locs, scaled(unit_scales, sigma))
+    return GuidePredictive(
+        method="tfb", description=f"TFB sigma = {sigma:.3g}", cfg=loaded.cfg, model=loaded.model, data=loaded.data,
+        tokenizer=loaded.tokenizer, device=loaded.device, point_estimate=sigma == 0.0, guide=guide,
+    )
 
 
 def _subset(encoded, size: int):

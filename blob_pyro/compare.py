@@ -96,8 +96,8 @@ def method_flags(method: str) -> list[str]:
     if ":" in method:
         resolve_guide(method)  # a typo or a refused autoguide fails before any run starts
         return ["--guide", method]
-    raise ValueError(f"unknown method {method!r}; valid: {sorted(registered_guides()) + sorted(METHOD_FLAGS)} or a guide "
-                     "import path 'module:Class'")
+    raise ValueError(f"unknown method {method!r}; valid: {sorted(registered_guides()) + sorted(METHOD_FLAGS)} or an autoguide "
+                     "'module:Class' (any LoRAGuide subclass by import path too)")
 
 
 def run_dir(output_dir: Path, method: str, seed: int) -> Path:

@@ -22,7 +22,7 @@ from blob_pyro.models import (
 )
 from blob_pyro.objectives import ELBOObjective, KLWeighting, ParityObjective
 from tests.helpers import synthetic_batch, tiny_bayesian_llama, tiny_llama
-from tests.test_guides_registry import GAUSSIAN_GUIDES, TESTED_GUIDES
+from tests.test_guides_registry import GAUSSIAN_GUIDES, TESTED_GUIDES, wide_start
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -158,7 +158,7 @@ def test_guide_fitted_with_no_data_recovers_the_prior(name):
     pyro.set_rng_seed(0)
     random_B = GUIDES[name].random_B is True
     model = _model(IIDPrior(dist.Normal, loc=0.0, scale=0.2), random_B=random_B)
-    options = {"init_scale": 0.05} if name in ("normal", "lowrank") else {"eps": 0.2}
+    options = wide_start(name)
     guide = make_guide(name, model, **options)
     elbo = TraceMeanField_ELBO(num_particles=8, vectorize_particles=False)
     svi = SVI(lambda: model.draw_lora_factors(1.0), guide, pyro.optim.Adam({"lr": 0.03}), elbo)

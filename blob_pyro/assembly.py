@@ -7,9 +7,7 @@ can call them one by one from Python.
 from __future__ import annotations
 
 import dataclasses
-import importlib.resources
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Optional, Sequence
 
 import numpy as np
@@ -18,38 +16,21 @@ import torch
 from blob_pyro.config import TrainConfig
 from blob_pyro.data import (
     DEFAULT_FORMAT, EncodedSplit, MultipleChoiceTask, Split, answer_token_ids, carve_calibration, classification_text, encode_multiple_choice,
-    encode_text_classification, iterate_batches, load_bigbench, load_split_file, load_task_spec, stratified_sample,
+    encode_text_classification, iterate_batches, load_split_file, load_task_spec, stratified_sample,
     stratified_split,
 )
 from blob_pyro.data.choice_scoring import EncodedChoices, encode_choice_continuations, iterate_choice_batches
 from blob_pyro.guides import make_guide
 from blob_pyro.models import AnswerTokenHead, BayesianLoRAModel, ChoiceLikelihoodHead, SequenceClassificationHead, bayesianize
-from blob_pyro.models.bayesian_model import extra_batch_inputs
+from blob_pyro.models.checks import check_classifier_adapted, check_shared_prompt_support
 from blob_pyro.objectives import ELBOObjective, KLWeighting, ParityObjective
 from blob_pyro.schedules import kl_cycle_length
 
 __all__ = [
-    "resolve_task_path", "load_task", "make_split", "evaluation_positions", "TaskData", "prepare_data", "resolve_device", "resolve_dtype",
-    "build_model", "check_shared_prompt_support", "build_guide", "build_objective", "batches", "training_batches",
+    "load_task", "make_split", "evaluation_positions", "TaskData", "prepare_data", "resolve_device", "resolve_dtype",
+    "build_model", "build_guide", "build_objective", "batches", "training_batches",
     "TrainingBatches",
 ]
-
-BUNDLED_PREFIX = "bundled:"
-
-
-def resolve_task_path(task: str) -> Path:
-    """A task file path; ``bundled:<name>`` names a task shipped in ``blob_pyro/data/bundled``."""
-    if task.startswith(BUNDLED_PREFIX):
-        name = task[len(BUNDLED_PREFIX):]
-        path = Path(str(importlib.resources.files("blob_pyro.data") / "bundled" / f"{name}.json"))
-        if not path.exists():
-            raise FileNotFoundError(f"no bundled task {name!r}; bundled tasks: 'bundled:social_iqa'")
-        return path
-    path = Path(task)
-    if not path.exists():
-        raise FileNotFoundError(f"task file {task!r} does not exist; pass a BIG-bench JSON file or 'bundled:social_iqa'")
-    return path
-
 
 def load_task(cfg: TrainConfig, spec: Optional[str] = None, *, roles: tuple = ("train", "validation")) -> MultipleChoiceTask:
     """The task ``spec`` (default ``cfg.task``): BIG-bench JSON, ``bundled:``, ``paper:<name>`` or a table
@@ -215,59 +196,6 @@ def load_network(cfg: TrainConfig, num_classes: int, *, dtype: torch.dtype):
     # the head the run was trained with, whatever the RNG state of the caller.
     torch.manual_seed(cfg.seed)
     return pretrained.load_sequence_classifier(cfg.model, num_labels=num_classes, dtype=dtype, **options)
-
-
-def check_classifier_adapted(network, target_modules: str) -> None:
-    """Sequence classification: the classification head is new (random) and ``bayesianize`` froze it, so
-    every Linear layer outside the pretrained body (``network.base_model_prefix``: BERT's ``classifier``,
-    RoBERTa's ``classifier.dense``/``classifier.out_proj``, Llama's ``score``) must carry an adapter, as in
-    the paper's RoBERTa runs (LoRA on the classifier); otherwise the model could never learn the task."""
-    from torch import nn
-
-    body = getattr(network, getattr(network, "base_model_prefix", ""), None)
-    body_modules = {id(m) for m in body.modules()} if isinstance(body, nn.Module) else set()
-    frozen_head = [
-        name for name, module in network.named_modules()
-        if type(module) is nn.Linear and id(module) not in body_modules and not name.endswith(".base_layer")
-    ]
-    if frozen_head:
-        raise ValueError(
-            f"--target-modules {target_modules!r} leaves the new classification head {frozen_head} randomly initialised "
-            f"and frozen; add it, e.g. --target-modules query,value,{','.join(n.split('.')[-1] for n in frozen_head)} "
-            "(LoRA on the classifier, as in the paper's RoBERTa runs)"
-        )
-
-
-def check_shared_prompt_support(network, *, model_name: str = "this model") -> None:
-    """Refuse a causal LM that scores a shared-prompt row differently from separate rows.
-
-    The shared-prompt layout needs the network to honour a custom 4D attention mask and ``position_ids``;
-    some do not (e.g. GPT-2 under transformers 5 gives other scores, silently). A probe of one random
-    12-token prompt with choices of 3 and 2 tokens is scored both ways (three short no-grad forwards);
-    a log-probability difference above float error (1e-3 in fp32, 5e-2 in half precision) raises.
-    """
-    vocab = int(network.get_input_embeddings().num_embeddings)
-    ids = torch.randint(0, vocab, (17,), generator=torch.Generator().manual_seed(0)).tolist()
-    probe = EncodedChoices([ids[:12]], [[ids[12:15], ids[15:17]]], torch.tensor([0]))
-    device = next(network.parameters()).device
-    head = ChoiceLikelihoodHead(2)
-    scores, was_training = {}, network.training
-    network.eval()  # no dropout in the probe
-    try:
-        with torch.no_grad():
-            for layout in ("shared_prompt", "separate"):
-                batch = _to(next(iterate_choice_batches(probe, batch_size=1, pad_token_id=0, shuffle=False, layout=layout)), device)
-                scores[layout] = head(network, batch["input_ids"], batch["attention_mask"], **extra_batch_inputs(batch)).float()
-    finally:
-        network.train(was_training)
-    difference = float((scores["shared_prompt"] - scores["separate"]).abs().max())
-    tolerance = 1e-3 if getattr(network, "dtype", torch.float32) == torch.float32 else 5e-2
-    if not difference <= tolerance:
-        raise ValueError(
-            f"{model_name} scores choices differently in one shared-prompt row than in separate rows (largest "
-            f"log-probability difference {difference:.3g} > {tolerance:g}): it does not honour a custom 4D attention "
-            "mask and position_ids. Use --choice-layout separate."
-        )
 
 
 def build_model(cfg: TrainConfig, network, data: TaskData) -> BayesianLoRAModel:

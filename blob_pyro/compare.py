@@ -50,7 +50,8 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from blob_pyro.baselines.common import load_predictions, primary_mode
+from blob_pyro.baselines.common import primary_mode
+from blob_pyro.rundir import load_predictions
 from blob_pyro.interrupt import stop_on_signals
 from blob_pyro.resume import CHECKPOINT_FILE
 from blob_pyro.rundir import describe_differences

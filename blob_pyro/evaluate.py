@@ -94,7 +94,7 @@ class EvaluateConfig:
     loo_examples: int = _f(200, "training examples (a subsample of the run's training split seeded by --seed; 0: all) whose pointwise log-likelihood under each draw forms the InferenceData log_likelihood group, the data az.loo / az.waic assume the posterior was fitted to")
     posterior_sites: str = _f("all", "sites whose posterior draws go into the InferenceData: 'all', 'none', names or suffixes ('q_proj,lm_head') or 're:<regex>'")
     eval_batch_size: int = _f(16, "evaluation batch size (memory is one batch and one draw of the adapters at a time)")
-    seed: int = _f(0, "seed of the posterior draws (draw s is the same network for every task)")
+    seed: Optional[int] = _f(None, "seed of the posterior draws (draw s is the same network for every task); default: the run's --seed, so samples_N repeats the run's own")
     num_bins: int = _f(15, "confidence bins of the ECE and the reliability diagram")
     output_dir: Optional[str] = _f(None, "output directory (default <run-dir>/evaluation)")
     overwrite: bool = _f(False, "allow replacing an earlier evaluation in the output directory")
@@ -227,33 +227,76 @@ def evaluate(cfg: EvaluateConfig) -> dict:
     """Evaluate ``cfg.run_dir``; returns ``{"metrics": ..., "uncertainty": ...}`` (also written to files)."""
     run_dir = Path(cfg.run_dir)
     run_cfg = load_run(run_dir)  # a finished run of any method, else a PreflightError
+    if cfg.seed is None:  # the run's seed: the same draws as the run's own samples_N
+        cfg = dataclasses.replace(cfg, seed=run_cfg.seed)
     out = Path(cfg.output_dir) if cfg.output_dir else run_dir / "evaluation"
     # Every check that needs no model, before the output directory is touched
     check_output_dir(out, overwrite=cfg.overwrite, flag="--output-dir", what="an evaluation")
     check_device(cfg.device)
     check_model(run_cfg.model, flag=f"the run's --model (config.json of {run_dir})")
+    wall_start = time.perf_counter()
+    ctx = load_evaluation(cfg, run_dir, run_cfg)  # the run's predictive (any method), the tasks, the LOO draws
+    out = prepare_output_dir(cfg, out)
+    (out / "evaluate_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
+
+    metrics, draws_by_task, examples_used, timings = {}, {}, {}, {}
+    for et in ctx.tasks:
+        start = time.perf_counter()
+        metrics[et.name], draws_by_task[et.name], examples_used[et.name] = evaluate_task(cfg, ctx, et, out)
+        timings[et.name] = time.perf_counter() - start
+        log(f"{et.name}: {len(draws_by_task[et.name][1])} examples x ({ctx.num_draws} draws + mean) in {timings[et.name]:.1f} s")
+    summary = uncertainty_summary(cfg, ctx, draws_by_task, out / "plots")
+
+    write_json_atomic(out / "uncertainty.json", summary)
+    write_json_atomic(out / "evaluate_run.json", {
+        "wall_seconds": time.perf_counter() - wall_start, "task_seconds": timings, "device": str(ctx.device),
+        "versions": versions(), "posterior_sites": ctx.posterior_sites, "examples": examples_used,
+        "log_likelihood_train_file_indices": [int(i) for i in ctx.loo["train_example_ids"]],
+    })
+    write_json_atomic(out / "metrics.json", metrics)  # last: marks the evaluation finished
+    print_results(metrics, summary, id_name=ctx.tasks[0].name)
+    return {"metrics": metrics, "uncertainty": summary}
+
+
+@dataclass
+class EvaluationContext:
+    """What every task's evaluation shares: the run's predictive (model, guide, data), the tasks, the number
+    of draws, the sites recorded in the ``posterior`` group, the ``log_likelihood`` draws and file metadata."""
+
+    run_cfg: TrainConfig
+    predictive: object
+    tasks: list
+    device: torch.device
+    num_draws: int
+    posterior_sites: list
+    loo: dict
+    attrs: dict
+    method: str
+
+
+def load_evaluation(cfg: EvaluateConfig, run_dir: Path, run_cfg: TrainConfig) -> EvaluationContext:
+    """The run's predictive, whatever its method (:mod:`blob_pyro.run_predictive`: rebuilt from ``config.json`` and
+    validated against its safetensors; a ``--method temperature`` run is its base run with the logits divided by
+    T), the tasks to evaluate, and the S draws on the ``--loo-examples`` training examples. Writes nothing."""
     pyro.clear_param_store()  # the global param store must not leak tensors between runs
     pyro.set_rng_seed(cfg.seed)
     device = resolve_device(cfg.device)
-    wall_start = time.perf_counter()
     scaled = temperature_of_run(run_dir)  # (base run, T) for a --method temperature run, else None
     model_dir, temperature = scaled if scaled else (run_dir, None)
     run_task, split = run_task_and_split(run_cfg, model_dir)
     tasks = resolve_eval_tasks(cfg, run_cfg, run_task, split)
 
-    # The run's predictive, rebuilt from its config and validated against its files (any method)
     dtype = None if cfg.base_dtype == "run" else resolve_dtype(cfg.base_dtype, device)
     predictive = load_run_predictive(run_dir, device=cfg.device, dtype=dtype)
     pyro.set_rng_seed(cfg.seed)  # loading seeded the RNG with the run's seed (a sequence classifier's new head)
-    model, guide, data = predictive.model, predictive.guide, predictive.data
+    model, data = predictive.model, predictive.data
     for et in tasks:  # the run's own task: the predictive's copy (its model carries that task's head)
         if et.task is run_task:
             et.task = data.task
-    point_estimate = predictive.point_estimate
-    num_draws = 1 if point_estimate else cfg.eval_samples
+    num_draws = 1 if predictive.point_estimate else cfg.eval_samples
     method = run_cfg.method if run_cfg.method != "svi" else f"guide {run_cfg.guide}"
     log(f"run {run_dir}: {predictive.description}, {len(model.adapters)} adapters; "
-        f"{num_draws} draw(s){' (point estimate: every draw is the same)' if point_estimate else ''}; tasks "
+        f"{num_draws} draw(s){' (point estimate: every draw is the same)' if predictive.point_estimate else ''}; tasks "
         + ", ".join(f"{t.name} ({'ID' if t.role == 'in_distribution' else 'OOD'}, {len(t.positions)})" for t in tasks))
 
     # Which sites go into the posterior group: the sample sites of one guide trace (none for MC dropout,
@@ -261,14 +304,8 @@ def evaluate(cfg: EvaluateConfig) -> dict:
     probe = batches(data, data.validation, batch_size=1, device=device)[0]
     sites = predictive.sample_sites(probe)
     posterior_sites = choose_posterior_sites(sites, cfg.posterior_sites) if sites else []
-
-    # The log_likelihood group: the same S draws on a seeded subsample of the training examples
-    loo = loo_training_draws(cfg, data, data.task, predictive, num_draws, device)
-    out = prepare_output_dir(cfg, out)
-    (out / "evaluate_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
-
-    metrics, draws_by_task, parts, curves, examples_used, timings = {}, {}, {}, {}, {}, {}
-    common_attrs = {
+    loo = loo_training_draws(cfg, data, data.task, predictive, num_draws, device)  # the log_likelihood group
+    attrs = {
         "model": run_cfg.model, "method": run_cfg.method, "predictive": predictive.description, "guide": run_cfg.guide,
         "prior": run_cfg.prior, "prior_scale": run_cfg.prior_scale,
         "rank": run_cfg.rank, "target_modules": run_cfg.target_modules, "train_seed": run_cfg.seed,
@@ -276,54 +313,60 @@ def evaluate(cfg: EvaluateConfig) -> dict:
         "num_draws": num_draws, "versions": versions(), "run_config": run_cfg.to_dict(),
     }
     if temperature is not None:
-        common_attrs.update({"temperature": temperature, "base_run_dir": str(model_dir.resolve())})
-    for et in tasks:
-        start = time.perf_counter()
-        task = et.task
-        positions, encoded = length_sorted(et.positions, encode_examples(run_cfg, task, predictive.tokenizer, [task.examples[i] for i in et.positions]))
-        task_batches = batches(data, encoded, batch_size=cfg.eval_batch_size, device=device)
-        labels = encoded.labels.numpy()
-        tmodel = predictive.model_for(task)
-        draws = predictive.draws(tmodel, task_batches, num_samples=num_draws, seed=cfg.seed, posterior_sites=posterior_sites)
-        file_ids = [int(task.file_indices[i]) if task.file_indices else int(i) for i in positions]
-        block = {"role": et.role, "source": task.source, "examples": et.held_out, "n_examples": len(labels),
-                 "num_classes": task.num_choices}
-        for mode, probs in predictive.modes(tmodel, task_batches, draws).items():  # the method's own predictives
-            block[mode] = classification_metrics(probs, labels, num_bins=cfg.num_bins)
-        block["held_out_lpd"] = held_out_lpd(draws.probs, labels)  # sum_i log mean_s p(y_i | theta_s) = -n * NLL
-        metrics[et.name] = block
-        draws_by_task[et.name] = (draws.probs, labels)
-        parts[et.name] = uncertainty_decomposition(draws.probs)
-        curves[et.name] = selective_prediction(draws.probs, labels)
-        examples_used[et.name] = {"source": task.source, "file_indices": file_ids}
+        attrs.update({"temperature": temperature, "base_run_dir": str(model_dir.resolve())})
+    return EvaluationContext(run_cfg=run_cfg, predictive=predictive, tasks=tasks, device=device, num_draws=num_draws,
+                             posterior_sites=posterior_sites, loo=loo, attrs=attrs, method=method)
 
-        idata = build_inference_data(
-            draws.probs, labels, sampled_labels=draws.sampled_labels, posterior=draws.posterior,
-            class_names=list(ANSWER_LETTERS[: task.num_choices]), example_ids=file_ids,
-            **loo,
-            attrs={**common_attrs, "task": et.name, "task_source": task.source, "role": et.role,
-                   "label_names": list(task.label_names) if task.label_names else None, "draw_seeds": draws.seeds},
-        )
-        save_inference_data(idata, out / f"inference_data_{_safe(et.name)}.nc")
-        (out / f"per_example_{_safe(et.name)}.json").write_text(
-            json.dumps(per_example_table(draws.probs, labels, file_ids), indent=1) + "\n")
-        reliability_diagram(draws.probs.mean(0), labels, out / "plots" / f"reliability_{_safe(et.name)}.png", num_bins=cfg.num_bins,
-                            title=f"{et.name} ({'ID' if et.role == 'in_distribution' else 'OOD'}), {method}, "
-                                  f"{'posterior mean' if point_estimate else f'{num_draws} draws'}")
-        timings[et.name] = time.perf_counter() - start
-        log(f"{et.name}: {len(labels)} examples x ({num_draws} draws + mean) in {timings[et.name]:.1f} s")
 
-    # Uncertainty, OOD detection, plots
+def evaluate_task(cfg: EvaluateConfig, ctx: EvaluationContext, et: EvalTask, out: Path) -> tuple[dict, tuple, dict]:
+    """One task: the method's prediction modes and S draws -> metrics, InferenceData, per-example table and
+    reliability diagram (written to ``out``). Returns ``(metrics block, (draws (S, n, K), labels (n,)),
+    examples used)``."""
+    predictive, task = ctx.predictive, et.task
+    positions, encoded = length_sorted(et.positions, encode_examples(ctx.run_cfg, task, predictive.tokenizer,
+                                                                     [task.examples[i] for i in et.positions]))
+    task_batches = batches(predictive.data, encoded, batch_size=cfg.eval_batch_size, device=ctx.device)
+    labels = encoded.labels.numpy()
+    tmodel = predictive.model_for(task)
+    draws = predictive.draws(tmodel, task_batches, num_samples=ctx.num_draws, seed=cfg.seed, posterior_sites=ctx.posterior_sites)
+    file_ids = [int(task.file_indices[i]) if task.file_indices else int(i) for i in positions]
+    block = {"role": et.role, "source": task.source, "examples": et.held_out, "n_examples": len(labels),
+             "num_classes": task.num_choices}
+    for mode, probs in predictive.modes(tmodel, task_batches, draws).items():  # the method's own predictives
+        block[mode] = classification_metrics(probs, labels, num_bins=cfg.num_bins)
+    block["held_out_lpd"] = held_out_lpd(draws.probs, labels)  # sum_i log mean_s p(y_i | theta_s) = -n * NLL
+
+    idata = build_inference_data(
+        draws.probs, labels, sampled_labels=draws.sampled_labels, posterior=draws.posterior,
+        class_names=list(ANSWER_LETTERS[: task.num_choices]), example_ids=file_ids,
+        **ctx.loo,
+        attrs={**ctx.attrs, "task": et.name, "task_source": task.source, "role": et.role,
+               "label_names": list(task.label_names) if task.label_names else None, "draw_seeds": draws.seeds},
+    )
+    save_inference_data(idata, out / f"inference_data_{_safe(et.name)}.nc")
+    (out / f"per_example_{_safe(et.name)}.json").write_text(
+        json.dumps(per_example_table(draws.probs, labels, file_ids), indent=1) + "\n")
+    reliability_diagram(draws.probs.mean(0), labels, out / "plots" / f"reliability_{_safe(et.name)}.png", num_bins=cfg.num_bins,
+                        title=f"{et.name} ({'ID' if et.role == 'in_distribution' else 'OOD'}), {ctx.method}, "
+                              f"{'posterior mean' if predictive.point_estimate else f'{ctx.num_draws} draws'}")
+    return block, (draws.probs, labels), {"source": task.source, "file_indices": file_ids}
+
+
+def uncertainty_summary(cfg: EvaluateConfig, ctx: EvaluationContext, draws_by_task: dict, plots: Path) -> dict:
+    """Uncertainty decomposition and OOD detection of every task against the first, posterior std of A per
+    site and the weight-space spread (guides with a per-site loc and scale), and the plots of them."""
+    tasks, guide, run_cfg = ctx.tasks, ctx.predictive.guide, ctx.run_cfg
     id_name = tasks[0].name
     summary = summarize_tasks(draws_by_task, id_task=id_name, num_bins=cfg.num_bins)
-    summary["num_draws"] = num_draws
-    if point_estimate:
+    summary["num_draws"] = ctx.num_draws
+    if ctx.predictive.point_estimate:
         summary["note"] = "point-estimate predictive: one draw, so epistemic uncertainty (mutual information) is 0 by construction"
     if any(t.task.num_choices != tasks[0].task.num_choices for t in tasks):
         summary["note_num_classes"] = ("tasks differ in K: raw entropies are bounded by log K, so compare the "
                                        "*_normalized OOD scores (divided by log K) as well")
-    plots = out / "plots"
-    title = f"{method}, {num_draws} draw(s)"
+    title = f"{ctx.method}, {ctx.num_draws} draw(s)"
+    parts = {name: uncertainty_decomposition(probs) for name, (probs, _) in draws_by_task.items()}
+    curves = {name: selective_prediction(probs, labels) for name, (probs, labels) in draws_by_task.items()}
     uncertainty_histograms(parts, plots / "uncertainty_histograms.png", id_task=id_name,
                            num_classes={t.name: t.task.num_choices for t in tasks}, title=f"Uncertainty, ID ({id_name}) vs OOD; {title}")
     accuracy_coverage_plot(curves, plots / "accuracy_coverage.png", title=f"Selective prediction ({title})")
@@ -335,21 +378,16 @@ def evaluate(cfg: EvaluateConfig) -> dict:
         posterior_std_per_layer(stds, plots / "posterior_std.png", prior_scale=run_cfg.prior_scale,
                                 title=f"Posterior std of LoRA A per layer (guide {run_cfg.guide}, prior {run_cfg.prior})")
     if guide is not None and guide.has_loc_and_scale() and not guide.bayesian_B:
-        summary["weight_space_spread"] = spread_by_layer(model, guide)
+        summary["weight_space_spread"] = spread_by_layer(ctx.predictive.model, guide)
+    return summary
 
-    write_json_atomic(out / "uncertainty.json", summary)
-    write_json_atomic(out / "evaluate_run.json", {
-        "wall_seconds": time.perf_counter() - wall_start, "task_seconds": timings, "device": str(device),
-        "versions": versions(), "posterior_sites": posterior_sites, "examples": examples_used,
-        "log_likelihood_train_file_indices": [int(i) for i in loo["train_example_ids"]],
-    })
-    write_json_atomic(out / "metrics.json", metrics)  # last: marks the evaluation finished
+
+def print_results(metrics: dict, summary: dict, *, id_name: str) -> None:
     for name, block in metrics.items():
         modes = {k: v for k, v in block.items() if isinstance(v, dict)}
         print(results_table(modes, title=f"\n{name} ({block['role']}, n = {block['n_examples']})"))
     for name, scores in summary["ood_detection"].items():
         print(f"\nOOD {name} vs {id_name}: " + ", ".join(f"AUROC[{k}] {v['auroc']:.3f}" for k, v in scores.items()))
-    return {"metrics": metrics, "uncertainty": summary}
 
 
 def loo_training_draws(cfg: EvaluateConfig, data, run_task, predictive, num_draws: int, device) -> dict:

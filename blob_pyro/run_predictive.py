@@ -113,7 +113,7 @@ class GuidePredictive(RunPredictive):
     record_sites: bool = True
 
     def sample_sites(self, batch: dict) -> list[str]:
-        from blob_pyro.evaluation.inference_data import guide_sample_sites
+        from blob_pyro.evaluation.predictive import guide_sample_sites
 
         return guide_sample_sites(self.guide, batch) if self.record_sites else []
 
@@ -123,7 +123,7 @@ class GuidePredictive(RunPredictive):
         return posterior_mean_probs(model, self.guide, batches).numpy()
 
     def draws(self, model, batches: list, *, num_samples: int, seed: int, posterior_sites: Sequence[str] = ()):
-        from blob_pyro.evaluation.inference_data import draw_predictive
+        from blob_pyro.evaluation.predictive import draw_predictive
 
         context = self.draw_context(model) if self.draw_context else contextlib.nullcontext()
         with context:
@@ -132,7 +132,7 @@ class GuidePredictive(RunPredictive):
 
 def concatenate_draws(parts: list):
     """One ``PredictiveDraws`` of the draws of ``parts`` stacked (posterior draws only of sites all parts have)."""
-    from blob_pyro.evaluation.inference_data import PredictiveDraws
+    from blob_pyro.evaluation.predictive import PredictiveDraws
 
     sites = set.intersection(*(set(p.posterior) for p in parts)) if parts else set()
     return PredictiveDraws(

@@ -8,6 +8,10 @@ clears the old run before the new one writes, and sub-runs reused only when thei
   the folder no longer looks finished), then every other file of the old run and its ``evaluation/`` folder.
   Sub-run folders (``base/``, ``member_<k>/``) stay only when the new run is a baseline that builds on sub-runs;
   each is then reused only if its config matches (:func:`sub_run_differences`), else trained again.
+* The run's files: :func:`save_predictions` / :func:`load_predictions` (``predictions.npz``: the validation
+  labels and the ``(n, K)`` predictive of every prediction mode, for reliability diagrams in
+  ``blob_pyro.compare`` and the ensemble's mixture), :func:`write_split` (``split.json``),
+  :func:`read_metrics` and :func:`read_config_dict`.
 * :func:`config_differences_for_reuse`: the fields in which a finished run's ``config.json`` differs from the
   config a caller would run now (fields that change no number are ignored), so ``compare`` and the baselines
   can name them.
@@ -21,9 +25,12 @@ import shutil
 from pathlib import Path
 from typing import Iterable, Optional
 
+import numpy as np
+
 __all__ = [
     "FINISHED_MARKER", "SUB_RUN_PREFIXES", "POST_HOC_FIELDS", "write_text_atomic", "write_json_atomic", "is_finished",
-    "looks_like_run_dir", "clear_run_dir", "config_differences_for_reuse", "describe_differences",
+    "looks_like_run_dir", "clear_run_dir", "config_differences_for_reuse", "describe_differences", "read_config_dict",
+    "PREDICTIONS_FILE", "save_predictions", "load_predictions", "write_split", "read_metrics",
 ]
 
 FINISHED_MARKER = "metrics.json"
@@ -131,3 +138,40 @@ def read_config_dict(run_dir) -> Optional[dict]:
         return json.loads((Path(run_dir) / "config.json").read_text())
     except (OSError, json.JSONDecodeError):
         return None
+
+
+def read_metrics(run_dir) -> dict:
+    """The run's ``metrics.json`` (a finished run's: it is written last)."""
+    return json.loads((Path(run_dir) / FINISHED_MARKER).read_text())
+
+
+def write_split(run_dir, task_source: str, split: dict) -> Path:
+    """Write ``split.json`` atomically: ``{"task": task_source, **split}`` (``split``: role -> task-file indices)."""
+    return write_text_atomic(Path(run_dir) / "split.json", json.dumps({"task": task_source, **split}) + "\n")
+
+
+PREDICTIONS_FILE = "predictions.npz"
+
+
+def save_predictions(run_dir, probs_by_mode: dict, labels) -> None:
+    """Write ``predictions.npz``: ``labels`` ``(n,)`` and one ``(n, K)`` float32 array per mode."""
+    arrays = {"labels": np.asarray(labels, dtype=np.int64)}
+    for mode, probs in probs_by_mode.items():
+        probs = probs.detach().cpu().numpy() if hasattr(probs, "detach") else np.asarray(probs)
+        if probs.shape != (len(arrays["labels"]), probs.shape[-1]):
+            raise ValueError(f"predictions for mode {mode!r} have shape {probs.shape}, expected (n={len(arrays['labels'])}, K)")
+        arrays[f"probs.{mode}"] = probs.astype(np.float32)
+    path = Path(run_dir) / PREDICTIONS_FILE
+    tmp = path.with_name(path.name + ".tmp.npz")
+    np.savez(tmp, **arrays)
+    tmp.replace(path)
+
+
+def load_predictions(run_dir) -> tuple[dict, np.ndarray]:
+    """``({mode: (n, K) probs}, labels (n,))`` from a run's ``predictions.npz``."""
+    path = Path(run_dir) / PREDICTIONS_FILE
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing: the run predates prediction files; rerun it (or pass --overwrite)")
+    with np.load(path) as data:
+        probs = {key[len("probs."):]: data[key] for key in data.files if key.startswith("probs.")}
+        return probs, data["labels"]

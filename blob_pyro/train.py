@@ -24,6 +24,7 @@ import platform
 import signal
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -31,7 +32,6 @@ import pyro
 import torch
 from tqdm.auto import tqdm
 
-from blob_pyro.baselines.common import save_predictions
 from blob_pyro.assembly import (
     batches, build_guide, uses_answer_letters, build_model, build_objective, encode_examples, evaluation_positions, load_network, load_task,
     length_sorted, prepare_data, resolve_device, resolve_dtype, training_batches,
@@ -43,7 +43,7 @@ from blob_pyro.distributed import DataParallel, check_divisible_epochs, environm
 from blob_pyro.interrupt import Interrupted, stop_on_signals
 from blob_pyro.ood_eval import detection_blocks
 from blob_pyro.preflight import PreflightError, check_output_dir, check_train_inputs
-from blob_pyro.rundir import clear_run_dir, write_json_atomic, write_text_atomic
+from blob_pyro.rundir import clear_run_dir, save_predictions, write_json_atomic, write_split
 from blob_pyro.resume import (
     check_optimiser_state_restored, checkpoint_path, continue_train_log, open_for_resume, restore_training_state, save_checkpoint,
 )
@@ -90,13 +90,64 @@ def train(cfg: TrainConfig) -> dict:
     checked = check_train_inputs(cfg)  # every check that needs no model, before the output directory is touched
     peft_adapter = read_initial_adapter(cfg)  # before any file is written: a bad adapter fails fast
     if cfg.method != "svi":  # baselines that are not one SVI run (blob_pyro.baselines)
-        if environment_world_size() > 1:
-            raise ValueError(f"--method {cfg.method} runs in one process; launch it without torchrun "
-                             f"(found WORLD_SIZE={environment_world_size()})")
-        from blob_pyro.baselines import run_method
+        return run_baseline(cfg)
+    run = assemble_run(cfg, checked, peft_adapter)  # model, guide, objective; the checks that need the model
+    if run.parallel.is_main:  # every check passed: now the run's files; rank 0 alone writes
+        write_run_start(cfg, run)
+    metrics = evaluate_before_training(cfg, run)
+    if peft_adapter is not None:  # after the zero-shot pass: with B = 0 the model is the base model whatever M is
+        init_lora_B_from_peft(run.model, peft_adapter)
+        log(f"initialised M and B of {len(peft_adapter.module_paths)} layers from the PEFT adapter {cfg.init_from_peft}")
+    train_seconds, resumed_at = run_training_loop(cfg, run, metrics)
+    if run.parallel.active:
+        difference = run.parallel.max_parameter_difference()
+        if difference > 0:
+            log(f"warning: trained parameters differ across the {run.parallel.world_size} processes by up to {difference:.3g}")
+        if not run.parallel.is_main:  # rank 0 alone evaluates and writes files
+            return {}
+    run.model.eval()  # a guide completed from the data after SVI (the Laplace autoguide's covariance) does it now
+    run.guide.post_fit(batches(run.data, run.data.train, batch_size=cfg.eval_batch_size, device=run.device))
+    save_adapter_and_guide(run.out, run.model, run.guide)
+    timings = evaluate_after_training(cfg, run, metrics)
+    write_run_end(cfg, run, metrics, {**timings, "train_seconds": train_seconds, "resumed_at_steps": resumed_at})
+    return metrics
 
-        prepare_output_dir(cfg)
-        return run_method(cfg)
+
+def run_baseline(cfg: TrainConfig) -> dict:
+    """A ``--method`` other than ``svi`` (:mod:`blob_pyro.baselines`): one process, its own run files."""
+    if environment_world_size() > 1:
+        raise ValueError(f"--method {cfg.method} runs in one process; launch it without torchrun "
+                         f"(found WORLD_SIZE={environment_world_size()})")
+    from blob_pyro.baselines import run_method
+
+    prepare_output_dir(cfg)
+    return run_method(cfg)
+
+
+@dataclass
+class AssembledRun:
+    """What :func:`assemble_run` builds for one SVI run: where it writes, the processes, the tokenized data
+    and its evaluation batches, the model, guide and objective, and the checkpoint to resume from (if any)."""
+
+    out: Path
+    parallel: DataParallel
+    device: torch.device
+    checkpoint: object
+    wall_start: float
+    task: object
+    data: object
+    val_batches: list
+    labels: torch.Tensor
+    ood_sets: dict
+    model: object
+    guide: object
+    objective: object
+    global_batch: int  # examples per step over all processes
+
+
+def assemble_run(cfg: TrainConfig, checked, peft_adapter) -> AssembledRun:
+    """Task and split (from the preflight checks), tokens (tokenized once), model, prior, guide and objective;
+    the checks that need the model run here, before any run file is written."""
     out = Path(cfg.output_dir)
     parallel = DataParallel.from_environment(cfg.device)
     device = resolve_device(cfg.device)
@@ -108,61 +159,70 @@ def train(cfg: TrainConfig) -> dict:
     pyro.enable_validation(False)  # ~15% faster steps; the unit tests run with validation on
     wall_start = time.perf_counter()
 
-    # Task, split, tokens (tokenized once); the checks that need the model run here, before any run file
     task, split = checked.task, checked.split
     log(f"task {task.name}: {len(task)} examples, {task.num_choices} choices; train {len(split.train)}, validation {len(split.validation)}")
     network, tokenizer = load_network(cfg, task.num_choices, dtype=resolve_dtype(cfg.base_dtype, device))
     network.to(device)
     data = prepare_data(cfg, task, split, tokenizer)  # validation in length order: split.json and predictions follow it
     val_batches = batches(data, data.validation, batch_size=cfg.eval_batch_size, device=device)
-    labels = data.validation.labels
     ood_sets = prepare_ood_tasks(cfg, data, tokenizer, device)  # before training: a bad --eval-tasks fails fast
 
-    # Model, prior, guide, objective
     model = build_model(cfg, network, data)
     if peft_adapter is not None:
         check_adapter_modules(peft_adapter, model, target_modules=cfg.target_modules)
     guide = build_guide(cfg, model, init_loc_fn=peft_init_loc_fn(peft_adapter) if peft_adapter else None).to(device)
     objective = build_objective(cfg, model, guide, num_data=len(data.train), processes=parallel.world_size)
-    global_batch = cfg.batch_size * parallel.world_size
     if parallel.active:
-        check_divisible_epochs(len(data.train), global_batch, parallel.world_size)
+        check_divisible_epochs(len(data.train), cfg.batch_size * parallel.world_size, parallel.world_size)
         parallel.attach(objective)
         parallel.broadcast_parameters([p for p in model.parameters() if p.requires_grad] + list(guide.parameters()))
     log(f"adapted {len(model.adapters)} layers; trainable: "
         f"{sum(p.numel() for p in model.parameters() if p.requires_grad) + sum(p.numel() for p in guide.parameters()):,} numbers")
+    return AssembledRun(out=out, parallel=parallel, device=device, checkpoint=checkpoint, wall_start=wall_start, task=task,
+                        data=data, val_batches=val_batches, labels=data.validation.labels, ood_sets=ood_sets, model=model,
+                        guide=guide, objective=objective, global_batch=cfg.batch_size * parallel.world_size)
 
-    # Every check passed: now the run's files (--overwrite removes the old run's first); rank 0 alone writes
-    if parallel.is_main:
-        out = prepare_output_dir(cfg)
-        dataclasses.replace(cfg, resume=False).save(out / "config.json")
-        write_text_atomic(out / "split.json", json.dumps({"task": task.source, **data.split.remap(task.file_indices).to_dict()}) + "\n")
 
+def write_run_start(cfg: TrainConfig, run: AssembledRun) -> None:
+    """``--overwrite`` removes the old run's files, then ``config.json`` and ``split.json`` (rank 0 only)."""
+    run.out = prepare_output_dir(cfg)
+    dataclasses.replace(cfg, resume=False).save(run.out / "config.json")
+    write_split(run.out, run.task.source, run.data.split.remap(run.task.file_indices).to_dict())
+
+
+def evaluate_before_training(cfg: TrainConfig, run: AssembledRun) -> dict:
+    """The metrics known before training: the checkpoint's (evaluated before an interruption), or the
+    zero-shot evaluation (``--zero-shot``, rank 0): B = 0 at initialisation, so the adapted model is
+    exactly the base model."""
+    run.model.eval()
+    if run.checkpoint is not None:
+        return dict(run.checkpoint.state["metrics"])
     metrics = {}
-    model.eval()
-    if checkpoint is not None:
-        metrics = dict(checkpoint.state["metrics"])  # evaluated before the interruption
-    elif cfg.zero_shot and parallel.is_main:  # B = 0 at initialisation, so the adapted model is exactly the base model
-        zero_shot_start = time.perf_counter()
-        metrics["zero_shot"] = classification_metrics(posterior_mean_probs(model, guide, val_batches).numpy(), labels.numpy())
-        log(f"zero-shot evaluation: {len(labels)} examples in {time.perf_counter() - zero_shot_start:.1f} s "
-            f"({len(labels) / (time.perf_counter() - zero_shot_start):.1f} examples/s)")
+    if cfg.zero_shot and run.parallel.is_main:
+        start = time.perf_counter()
+        metrics["zero_shot"] = classification_metrics(posterior_mean_probs(run.model, run.guide, run.val_batches).numpy(),
+                                                      run.labels.numpy())
+        n = len(run.labels)
+        log(f"zero-shot evaluation: {n} examples in {time.perf_counter() - start:.1f} s "
+            f"({n / (time.perf_counter() - start):.1f} examples/s)")
         log(f"zero-shot: acc {100 * metrics['zero_shot']['acc']:.2f}%  ECE {metrics['zero_shot']['ece']:.2f}%  NLL {metrics['zero_shot']['nll']:.3f}")
+    return metrics
 
-    if peft_adapter is not None:  # after the zero-shot pass: with B = 0 the model is the base model whatever M is
-        init_lora_B_from_peft(model, peft_adapter)
-        log(f"initialised M and B of {len(peft_adapter.module_paths)} layers from the PEFT adapter {cfg.init_from_peft}")
 
-    # Training (resumable: parameters, optimisers, RNG and data position come from the checkpoint)
+def run_training_loop(cfg: TrainConfig, run: AssembledRun, metrics: dict) -> tuple[float, list]:
+    """SVI steps up to ``--max-steps``, resumable: parameters, optimisers, RNG and data position come from the
+    checkpoint. Writes ``train_log.jsonl`` and checkpoints (every ``--checkpoint-every`` steps, at the end and
+    on SIGTERM/SIGINT, which then raises :class:`Interrupted`). Returns ``(train seconds, resumed_at steps)``."""
+    model, guide, objective, parallel, out, checkpoint = run.model, run.guide, run.objective, run.parallel, run.out, run.checkpoint
     model.train()
     start_step, position, resumed_at, earlier_train_seconds = 0, (0, 0), [], 0.0
     if checkpoint is not None:
-        position = restore_training_state(checkpoint, model=model, guide=guide, objective=objective, device=device,
-                                          stream_batches_per_epoch=math.ceil(len(data.train) / global_batch))
+        position = restore_training_state(checkpoint, model=model, guide=guide, objective=objective, device=run.device,
+                                          stream_batches_per_epoch=math.ceil(len(run.data.train) / run.global_batch))
         start_step, earlier_train_seconds = checkpoint.step, checkpoint.state["train_seconds"]
         resumed_at = [*checkpoint.state["resumed_at"], start_step]
         log(f"resuming from {checkpoint.path} at step {start_step} of {cfg.max_steps}")
-    stream = training_batches(data, batch_size=global_batch, seed=cfg.seed, device=device, position=position)
+    stream = training_batches(run.data, batch_size=run.global_batch, seed=cfg.seed, device=run.device, position=position)
     train_start = time.perf_counter()
     train_log = continue_train_log(out / "train_log.jsonl", checkpoint, log) if parallel.is_main else open(os.devnull, "w")
     with train_log as log_file, stop_on_signals() as stop, \
@@ -187,7 +247,7 @@ def train(cfg: TrainConfig) -> dict:
                 if parallel.is_main:
                     path = save_checkpoint(
                         out, cfg=cfg, step=done, model=model, guide=guide, objective=objective, stream=stream, metrics=metrics,
-                        train_log_bytes=os.fstat(log_file.fileno()).st_size, device_type=device.type, resumed_at=resumed_at,
+                        train_log_bytes=os.fstat(log_file.fileno()).st_size, device_type=run.device.type, resumed_at=resumed_at,
                         train_seconds=earlier_train_seconds + time.perf_counter() - train_start,
                     )
             if stop.signum is not None:
@@ -196,52 +256,51 @@ def train(cfg: TrainConfig) -> dict:
                 log(message)
                 raise Interrupted(stop.signum, message)
     train_seconds = earlier_train_seconds + time.perf_counter() - train_start
-    log(f"trained {cfg.max_steps} steps in {train_seconds:.0f} s ({cfg.max_steps * global_batch / train_seconds:.2f} examples/s)")
-    if parallel.active:
-        difference = parallel.max_parameter_difference()
-        if difference > 0:
-            log(f"warning: trained parameters differ across the {parallel.world_size} processes by up to {difference:.3g}")
-        if not parallel.is_main:  # rank 0 alone evaluates and writes files
-            return {}
-    model.eval()
-    guide.post_fit(batches(data, data.train, batch_size=cfg.eval_batch_size, device=device))  # e.g. a Laplace covariance
-    save_adapter_and_guide(out, model, guide)
+    log(f"trained {cfg.max_steps} steps in {train_seconds:.0f} s ({cfg.max_steps * run.global_batch / train_seconds:.2f} examples/s)")
+    return train_seconds, resumed_at
 
-    # Evaluation
+
+def evaluate_after_training(cfg: TrainConfig, run: AssembledRun, metrics: dict) -> dict:
+    """The trained posterior on the validation split (``mean`` and ``samples_N``, N = ``--eval-samples`` draws
+    seeded by ``--seed`` as ``python -m blob_pyro.evaluate`` draws them; point estimates: ``mean`` only), its
+    ``predictions.npz``, and the ``--eval-tasks`` (``ood``, ``ood_detection``). Fills ``metrics``; returns timings."""
+    model, guide, labels = run.model, run.guide, run.labels
     model.eval()
     eval_start = time.perf_counter()
     samples = cfg.eval_samples if guide.scores_prior and not guide.point_estimate else 0  # point estimates: every draw is the same
-    mode_metrics, probs = evaluate_modes(model, guide, val_batches, labels, num_samples=samples, log=log)
+    mode_metrics, probs = evaluate_modes(model, guide, run.val_batches, labels, num_samples=samples, seed=cfg.seed, log=log)
     metrics.update(mode_metrics)
-    # predictions.npz (for reliability diagrams in blob_pyro.compare)
     draws = probs["samples"]
-    predictive = {"mean": probs["mean"]} if draws is None else {f"samples_{samples}": draws.mean(0)}
-    save_predictions(out, predictive, labels)
+    save_predictions(run.out, {"mean": probs["mean"]} if draws is None else {f"samples_{samples}": draws.mean(0)}, labels)
     eval_seconds = time.perf_counter() - eval_start
     ood_start = time.perf_counter()
-    if ood_sets:
-        metrics["ood"], ood_probs = evaluate_ood_tasks(cfg, model, guide, ood_sets, num_samples=samples)
+    if run.ood_sets:
+        metrics["ood"], ood_probs = evaluate_ood_tasks(cfg, model, guide, run.ood_sets, num_samples=samples)
         metrics["ood_detection"] = detection_blocks((draws if draws is not None else probs["mean"]).numpy(), ood_probs)
-    ood_seconds = time.perf_counter() - ood_start
+    return {"eval_seconds": eval_seconds, "eval_examples_per_second": len(labels) * (1 + samples) / eval_seconds,  # forward passes per second
+            "ood_seconds": time.perf_counter() - ood_start}
+
+
+def write_run_end(cfg: TrainConfig, run: AssembledRun, metrics: dict, timings: dict) -> None:
+    """``run.json`` (timings, versions), then ``metrics.json`` (last, atomically: it marks the run finished);
+    the spent checkpoint goes; the results tables are printed."""
     run_info = {
-        "wall_seconds": time.perf_counter() - wall_start, "train_seconds": train_seconds,
-        "eval_seconds": eval_seconds,
-        "eval_examples_per_second": len(labels) * (1 + samples) / eval_seconds,  # forward passes per second
-        "ood_seconds": ood_seconds,
+        "wall_seconds": time.perf_counter() - run.wall_start, "train_seconds": timings["train_seconds"],
+        "eval_seconds": timings["eval_seconds"], "eval_examples_per_second": timings["eval_examples_per_second"],
+        "ood_seconds": timings["ood_seconds"],
         "ood_tasks": {name: {"spec": s["spec"], "source": s["task"].source, "num_choices": s["task"].num_choices,
-                             "positions": s["positions"]} for name, s in ood_sets.items()},
-        "train_examples_per_second": cfg.max_steps * global_batch / train_seconds, "processes": parallel.world_size,
-        "device": str(device), "versions": versions(), "num_train": len(data.train), "num_validation": len(labels),
-        "resumed_at_steps": resumed_at,
+                             "positions": s["positions"]} for name, s in run.ood_sets.items()},
+        "train_examples_per_second": cfg.max_steps * run.global_batch / timings["train_seconds"],
+        "processes": run.parallel.world_size, "device": str(run.device), "versions": versions(),
+        "num_train": len(run.data.train), "num_validation": len(run.labels), "resumed_at_steps": timings["resumed_at_steps"],
     }
-    write_json_atomic(out / "run.json", run_info)
-    write_json_atomic(out / "metrics.json", metrics)  # last, atomically: marks the run finished
-    checkpoint_path(out).unlink(missing_ok=True)  # finished: metrics.json marks it, the checkpoint is spent
+    write_json_atomic(run.out / "run.json", run_info)
+    write_json_atomic(run.out / "metrics.json", metrics)  # last, atomically: marks the run finished
+    checkpoint_path(run.out).unlink(missing_ok=True)  # finished: metrics.json marks it, the checkpoint is spent
     in_task = {mode: m for mode, m in metrics.items() if mode not in ("ood", "ood_detection")}
-    print(results_table(in_task, title=f"\n{task.name} validation, guide {cfg.guide}, {cfg.max_steps} steps ({out})"))
+    print(results_table(in_task, title=f"\n{run.task.name} validation, guide {cfg.guide}, {cfg.max_steps} steps ({run.out})"))
     for name, block in metrics.get("ood", {}).items():
-        print(results_table(block, title=f"\nOOD {name} (trained on {task.name}, not on {name})"))
-    return metrics
+        print(results_table(block, title=f"\nOOD {name} (trained on {run.task.name}, not on {name})"))
 
 
 def read_initial_adapter(cfg: TrainConfig):
@@ -292,7 +351,7 @@ def evaluate_ood_tasks(cfg: TrainConfig, model, guide, ood_sets: dict, *, num_sa
             elif isinstance(trained_head, ChoiceLikelihoodHead):  # the OOD task may have another K
                 model.head = ChoiceLikelihoodHead(s["task"].num_choices)
             log(f"OOD evaluation on {name}:")
-            results[name], probs = evaluate_modes(model, guide, s["batches"], s["labels"], num_samples=num_samples, log=log)
+            results[name], probs = evaluate_modes(model, guide, s["batches"], s["labels"], num_samples=num_samples, seed=cfg.seed, log=log)
             draws[name] = (probs["samples"] if probs["samples"] is not None else probs["mean"]).numpy()
             model.head = trained_head
     finally:

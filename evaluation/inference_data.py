@@ -1,12 +1,11 @@
 """Posterior and posterior-predictive draws as an ArviZ ``InferenceData``, saved as NetCDF.
 
-:func:`draw_predictive` samples the posterior predictive draw by draw (the model conditioned on a guide
-draw, as one ``pyro.infer.Predictive`` sample but without its shape-probing passes): draw ``s`` samples every LoRA-A
-once from the guide and uses that one draw for every evaluation batch, so a draw is one coherent
-network (its A factors, its class probabilities and its log-likelihoods belong together). Each draw is
-seeded from ``(seed, s)``, so two calls with the same seed (e.g. one per task) use the same S networks,
-and memory stays bounded: one set of A factors at a time, plus the ``(S, n, K)`` probabilities and the
-A draws of the sites asked for.
+:func:`blob_pyro.evaluation.predictive.draw_predictive` (the sampler train, evaluate and the baselines
+share) samples the posterior predictive draw by draw: draw ``s`` samples every LoRA-A once from the guide
+and uses that one draw for every evaluation batch, so a draw is one coherent network (its A factors, its
+class probabilities and its log-likelihoods belong together). Each draw is seeded from ``(seed, s)``, so
+two calls with the same seed (e.g. one per task) use the same S networks, and memory stays bounded: one
+set of A factors at a time, plus the ``(S, n, K)`` probabilities and the A draws of the sites asked for.
 
 :func:`build_inference_data` arranges the draws as an ``InferenceData`` (one chain of S draws):
 
@@ -37,26 +36,15 @@ from __future__ import annotations
 
 import json
 import re
-import sys
 import warnings
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Mapping, Optional, Sequence
+from typing import Mapping, Optional, Sequence
 
 import numpy as np
-import torch
-from pyro import poutine
-from tqdm.auto import tqdm
-
-from blob_pyro.models.bayesian_model import extra_batch_inputs
 
 __all__ = [
     "RHAT_ESS_NOTE",
-    "PredictiveDraws",
     "choose_posterior_sites",
-    "guide_sample_sites",
-    "draw_seed",
-    "draw_predictive",
     "build_inference_data",
     "held_out_lpd",
     "save_inference_data",
@@ -77,27 +65,6 @@ def import_arviz():
         import arviz
 
     return arviz
-
-
-@dataclass
-class PredictiveDraws:
-    """What :func:`draw_predictive` returns; numpy arrays on the CPU.
-
-    Attributes:
-        probs: ``(S, n, K)`` float32 class probabilities of each draw.
-        sampled_labels: ``(S, n)`` int64 labels sampled from each draw's categorical likelihood.
-        posterior: ``{site: (S, rank, in_features)}`` float32 draws of A, for the sites asked for.
-        seeds: ``(S,)`` the seed of each draw.
-    """
-
-    probs: np.ndarray
-    sampled_labels: np.ndarray
-    posterior: dict[str, np.ndarray] = field(default_factory=dict)
-    seeds: list[int] = field(default_factory=list)
-
-    @property
-    def num_draws(self) -> int:
-        return int(self.probs.shape[0])
 
 
 def choose_posterior_sites(site_names: Sequence[str], spec: str) -> list[str]:
@@ -132,89 +99,6 @@ def choose_posterior_sites(site_names: Sequence[str], spec: str) -> list[str]:
             "pass 'all', 'none', a comma-separated list of names or suffixes such as 'q_proj', or 're:<regex>'"
         )
     return chosen
-
-
-def draw_seed(seed: int, draw: int) -> int:
-    """The seed of draw ``draw`` (the same for every task evaluated with the same ``seed``)."""
-    return (int(seed) * 1_000_003 + int(draw) * 7_919 + 17) % (2**63 - 1)
-
-
-def guide_sample_sites(guide, batch: dict) -> list[str]:
-    """Names of the guide's sample sites (one trace on ``batch``; the RNG state is restored)."""
-    with torch.random.fork_rng(devices=[batch["input_ids"].device] if batch["input_ids"].is_cuda else []), torch.no_grad():
-        return list(_guide_draw(guide, batch))
-
-
-def _guide_draw(guide, batch: dict) -> dict[str, torch.Tensor]:
-    trace = poutine.trace(guide).get_trace(batch["input_ids"], batch["attention_mask"], **extra_batch_inputs(batch))
-    return {name: site["value"].detach() for name, site in trace.nodes.items() if site["type"] == "sample"}
-
-
-@torch.no_grad()
-def draw_predictive(
-    model,
-    guide,
-    batches: Iterable[dict],
-    *,
-    num_samples: int,
-    seed: int = 0,
-    posterior_sites: Sequence[str] = (),
-) -> PredictiveDraws:
-    """Posterior predictive draws of the deterministic ``"probs"`` site and sampled labels ``"obs"``.
-
-    For each draw ``s``: seed the RNG with :func:`draw_seed` ``(seed, s)``, draw every A once from the
-    guide, then run the model conditioned on that draw (one Predictive sample, traced directly) on
-    every batch. The global RNG state is restored afterwards.
-
-    Args:
-        model: a :class:`~blob_pyro.models.BayesianLoRAModel` (in eval mode).
-        guide: a guide over its A sites, e.g. ``BLoBGuide``.
-        batches: evaluation batches (``input_ids``, ``attention_mask`` ``(b, T)``, and any extra head
-            inputs such as ``continuation_mask``) in a fixed order.
-        num_samples: S >= 1.
-        seed: base seed of the draws.
-        posterior_sites: A sites whose draws to keep (memory: S * rank * in_features floats per site).
-
-    Returns:
-        :class:`PredictiveDraws` with ``probs`` ``(S, n, K)``, ``sampled_labels`` ``(S, n)`` and
-        ``posterior`` ``{site: (S, rank, in_features)}``, rows in batch order.
-    """
-    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
-        raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}")
-    batches = list(batches)
-    if not batches:
-        raise ValueError("no evaluation batches: the task has no examples to evaluate")
-    device = batches[0]["input_ids"].device
-    fork_devices = [device] if device.type == "cuda" else []
-    probs, labels, seeds = [], [], []
-    posterior: dict[str, list[np.ndarray]] = {site: [] for site in posterior_sites}
-    for s in tqdm(range(num_samples), desc="posterior draws", file=sys.stderr, leave=False):
-        seeds.append(draw_seed(seed, s))
-        with torch.random.fork_rng(devices=fork_devices):
-            torch.manual_seed(seeds[-1])
-            draw = _guide_draw(guide, batches[0])
-            missing = [site for site in posterior_sites if site not in draw]
-            if missing:
-                raise ValueError(f"the guide has no sample sites {missing[:3]}; its sites are {sorted(draw)[:3]} ...")
-            for site in posterior_sites:
-                posterior[site].append(draw[site].float().cpu().numpy())
-            # The model conditioned on this draw, traced once per batch: what Predictive does for one
-            # posterior sample, without the two shape-probing model passes it adds to every call.
-            conditioned = poutine.trace(poutine.condition(model, data=draw))
-            draw_probs, draw_labels = [], []
-            for b in batches:
-                with torch.no_grad():
-                    nodes = conditioned.get_trace(b["input_ids"], b["attention_mask"], **extra_batch_inputs(b)).nodes
-                draw_probs.append(nodes["probs"]["value"].reshape(*nodes["probs"]["value"].shape[-2:]).float().cpu())
-                draw_labels.append(nodes["obs"]["value"].reshape(-1).long().cpu())
-        probs.append(torch.cat(draw_probs).numpy())
-        labels.append(torch.cat(draw_labels).numpy())
-    return PredictiveDraws(
-        probs=np.stack(probs),
-        sampled_labels=np.stack(labels),
-        posterior={site: np.stack(values) for site, values in posterior.items()},
-        seeds=seeds,
-    )
 
 
 def _site_dims(site: str, shape: tuple) -> list[str]:

@@ -3,6 +3,7 @@
 from .autoguide import AutoGuideAdapter, resolve_autoguide_class
 from .base import LoRAGuide, init_to_lora, select_sites
 from .blob import BLoBGuide
+from .fixed import FixedGaussianGuide, PosteriorMeanGuide
 from .laplace import LaplaceAdapter
 from .lowrank import LowRankGuide
 from .map import MAPGuide
@@ -19,4 +20,5 @@ __all__ = [
     "LoRAGuide", "init_to_lora", "select_sites", "AutoGuideAdapter", "resolve_autoguide_class", "BLoBGuide",
     "MLEGuide", "MAPGuide", "MeanFieldGuide", "NormalGuide", "LowRankGuide", "LaplaceAdapter", "GUIDES", "GUIDE_HELP",
     "make_guide", "register_guide", "registered_guides", "resolve_guide", "guide_class", "guide_config_fields",
+    "FixedGaussianGuide", "PosteriorMeanGuide",
 ]

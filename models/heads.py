@@ -1,7 +1,7 @@
 """Likelihood heads: how a transformers network turns a batch into class logits ``(batch, K)``.
 
 * :class:`AnswerTokenHead`: a causal LM answering multiple choice with a letter (the BLoB protocol,
-  BLOB.md section 4): the logits of the K answer-label tokens (" A", " B", ...) at the last position
+  Wang et al. 2024, section 4): the logits of the K answer-label tokens (" A", " B", ...) at the last position
   of a left-padded prompt that ends with "Answer:". Only those K logits enter the likelihood.
 * :class:`SequenceClassificationHead`: an ``AutoModelForSequenceClassification`` network's logits.
 * :class:`ChoiceLikelihoodHead`: a causal LM scoring each choice's text as a continuation of the

@@ -5,12 +5,12 @@
 * ``A`` (``rank x in_features``) is a Pyro sample site (``PyroSample(prior)``) named by the layer's
   full module path, e.g. ``model.layers.0.self_attn.q_proj.lora_A``.
 * ``B`` (``out_features x rank``) is a deterministic ``nn.Parameter`` initialised to zero, so the
-  adapted model starts exactly at the base model (BLOB.md section 1).
+  adapted model starts exactly at the base model (Hu et al. 2022, section 4.1).
 
 Sampling A happens once per model call, at the top of the Pyro model (see
 :class:`blob_pyro.models.BayesianLoRAModel`), and the draw is handed to ``forward``. Reading the
 ``PyroSample`` inside ``forward`` instead would re-draw A when gradient checkpointing recomputes the
-forward pass (PYRO_NOTES.md, "Devices, dtypes, compile").
+forward pass, silently giving wrong gradients (reentrant checkpointing; the non-reentrant one raises).
 """
 
 from __future__ import annotations
@@ -161,7 +161,7 @@ class BayesianLoRALinear(PyroModule):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # The base layer is read from _modules directly: PyroModule.__getattr__ would otherwise
-        # register its frozen weights as trainable pyro.params (PYRO_NOTES.md, "Site names").
+        # register its frozen weights as trainable pyro.params (the base model would then train).
         base_layer = self._modules["base_layer"]
         result = base_layer(x)
         A = self.active_A if self.active_A is not None else self.lora_A
@@ -198,7 +198,7 @@ class BayesianLoRALinear(PyroModule):
         return update.reshape(*h.shape[:-1], update.shape[-1])
 
     def _flipout_low_rank(self, h: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
-        """Flipout (Wen et al. 2018) on the A factor, as in the official BLoB code (BLOB.md section 2).
+        """Flipout (Wen et al. 2018) on the A factor, as the BLoB authors' released code applies it (Wang et al. 2024).
 
         ``A - M`` is the noise of the draw (M the guide mean); each token (``"token"``) or each
         sequence (``"sequence"``) sees it with fresh random signs on input and output: marginally the

@@ -8,7 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from blob_pyro.baselines.common import FixedGaussianGuide, primary_mode, save_predictions
+from blob_pyro.baselines.common import primary_mode
+from blob_pyro.guides.fixed import FixedGaussianGuide
+from blob_pyro.rundir import save_predictions
 from blob_pyro.baselines.ensemble import average_probabilities
 from blob_pyro.baselines.laplace import (
     diagonal_curvature, log_marginal_likelihood, posterior_variance, probit_predictive, tune_prior_precision,
@@ -218,7 +220,7 @@ def _args(model_dir, task, out, *extra):
     (["--method", "temperature", "--guide", "mle", "--num-calibration", "4"], "mean"),
 ])
 def test_every_method_runs_from_the_cli(tmp_path, tiny_causal_lm_dir, extra, mode):
-    from blob_pyro.baselines.common import load_predictions
+    from blob_pyro.rundir import load_predictions
     from blob_pyro.train import main
     from tests.conftest import write_bigbench_task
 

@@ -7,7 +7,7 @@ import torch
 
 from blob_pyro.data import MultipleChoiceExample
 from blob_pyro.data.choice_scoring import encode_choice_continuations, iterate_choice_batches
-from blob_pyro.assembly import check_shared_prompt_support
+from blob_pyro.models.checks import check_shared_prompt_support
 from blob_pyro.models import ChoiceLikelihoodHead, bayesianize
 from blob_pyro.models.bayesian_model import extra_batch_inputs
 from blob_pyro.models.heads import shared_prompt_attention_mask

@@ -55,7 +55,8 @@ def model_dir(tiny_causal_lm_dir):
 
 @pytest.mark.parametrize("method", list(METHODS))
 def test_evaluate_and_eval_tasks_work_for_every_method(method, tasks, model_dir, tmp_path):
-    from blob_pyro.baselines.common import load_predictions, primary_mode
+    from blob_pyro.baselines.common import primary_mode
+    from blob_pyro.rundir import load_predictions
 
     root, task, ood = tasks
     flags, primary = METHODS[method]

@@ -9,9 +9,9 @@ import torch
 from pyro import poutine
 
 from blob_pyro.evaluation.inference_data import (
-    RHAT_ESS_NOTE, build_inference_data, choose_posterior_sites, draw_predictive, guide_sample_sites, held_out_lpd,
-    load_inference_data, save_inference_data,
+    RHAT_ESS_NOTE, build_inference_data, choose_posterior_sites, held_out_lpd, load_inference_data, save_inference_data,
 )
+from blob_pyro.evaluation.predictive import draw_predictive, guide_sample_sites
 from blob_pyro.evaluation.metrics import classification_metrics
 from blob_pyro.guides import make_guide
 

@@ -31,7 +31,7 @@ def fake_training(calls):
         (Path(out) / "metrics.json").write_text(json.dumps({"mean": entry, "samples_10": entry}))
         import numpy as np
 
-        from blob_pyro.baselines.common import save_predictions
+        from blob_pyro.rundir import save_predictions
 
         save_predictions(out, {"mean": np.full((8, 2), 0.5), "samples_10": np.full((8, 2), 0.5)}, np.zeros(8))
 

@@ -129,7 +129,7 @@ def _args(model_dir, task, out, *extra):
 
 
 def test_temperature_scales_the_base_runs_logits_and_refuses_a_run_without_calibration(tmp_path, tiny_causal_lm_dir):
-    from blob_pyro.baselines.common import load_predictions
+    from blob_pyro.rundir import load_predictions
     from blob_pyro.config import TrainConfig
     from blob_pyro.evaluate import main as evaluate_main
     from blob_pyro.train import main
@@ -202,7 +202,7 @@ def test_temperature_on_a_sequence_classifier_with_a_new_head_rebuilds_the_base_
     not saved; the post-hoc method and blob_pyro.evaluate must rebuild the same one (seed 3, not the default)."""
     from transformers import BertConfig, BertModel
 
-    from blob_pyro.baselines.common import load_predictions
+    from blob_pyro.rundir import load_predictions
     from blob_pyro.evaluate import main as evaluate_main
     from blob_pyro.train import main
 

@@ -1,9 +1,9 @@
-"""What the baselines share: rebuilding a finished run, its predictions file, and writing a baseline's run.
+"""What the baselines share: rebuilding a finished run, training (or reusing) the SVI runs a baseline builds
+on, and writing a baseline's run.
 
 A run directory written by ``python -m blob_pyro.train`` holds ``config.json``, ``adapter.safetensors``,
-``guide.safetensors`` and ``metrics.json``; :func:`load_run` rebuilds model and guide from them.
-``predictions.npz`` holds the validation labels and the ``(n, K)`` predictive of every prediction mode,
-for reliability diagrams (``blob_pyro.compare``).
+``guide.safetensors`` and ``metrics.json``; :func:`load_run` rebuilds model and guide from them. Reading and
+writing the files of a run directory is :mod:`blob_pyro.rundir`'s job.
 """
 
 from __future__ import annotations
@@ -13,43 +13,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-import numpy as np
 import pyro
 import torch
 
 from blob_pyro.config import TrainConfig
+from blob_pyro.rundir import (
+    POST_HOC_FIELDS, config_differences_for_reuse, describe_differences, read_config_dict, save_predictions, write_json_atomic,
+)
 
 __all__ = [
-    "PREDICTIONS_FILE", "save_predictions", "load_predictions", "LoadedRun", "load_run", "primary_mode",
-    "write_baseline_run",
+    "LoadedRun", "load_run", "primary_mode", "write_baseline_run", "check_base_run", "train_base_run", "BASE_RUN_FIELDS",
 ]
-
-PREDICTIONS_FILE = "predictions.npz"
-
-
-def save_predictions(run_dir, probs_by_mode: dict, labels) -> None:
-    """Write ``predictions.npz``: ``labels`` ``(n,)`` and one ``(n, K)`` float32 array per mode."""
-    arrays = {"labels": np.asarray(labels, dtype=np.int64)}
-    for mode, probs in probs_by_mode.items():
-        probs = probs.detach().cpu().numpy() if hasattr(probs, "detach") else np.asarray(probs)
-        if probs.shape != (len(arrays["labels"]), probs.shape[-1]):
-            raise ValueError(f"predictions for mode {mode!r} have shape {probs.shape}, expected (n={len(arrays['labels'])}, K)")
-        arrays[f"probs.{mode}"] = probs.astype(np.float32)
-    path = Path(run_dir) / PREDICTIONS_FILE
-    tmp = path.with_name(path.name + ".tmp.npz")
-    np.savez(tmp, **arrays)
-    tmp.replace(path)
-
-
-def load_predictions(run_dir) -> tuple[dict, np.ndarray]:
-    """``({mode: (n, K) probs}, labels (n,))`` from a run's ``predictions.npz``."""
-    path = Path(run_dir) / PREDICTIONS_FILE
-    if not path.exists():
-        raise FileNotFoundError(f"{path} is missing: the run predates prediction files; rerun it (or pass --overwrite)")
-    with np.load(path) as data:
-        probs = {key[len("probs."):]: data[key] for key in data.files if key.startswith("probs.")}
-        return probs, data["labels"]
-
 
 def primary_mode(metrics: dict) -> str:
     """The mode that represents a method in comparison tables: its sampled predictive (``samples_N``,
@@ -125,7 +99,6 @@ def write_baseline_run(cfg: TrainConfig, metrics: dict, probs_by_mode: dict, lab
     of the files just written) into ``metrics["ood"]`` / ``metrics["ood_detection"]``; ``metrics.json`` last,
     atomically (it marks the run finished)."""
     from blob_pyro.evaluation.report import results_table
-    from blob_pyro.rundir import write_json_atomic
 
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -185,8 +158,6 @@ def train_base_run(cfg: TrainConfig, subdir: str, **overrides) -> Path:
         return check_base_run(cfg, cfg.base_run, **{k: v for k, v in overrides.items() if k != "seed"})
     from blob_pyro.resume import checkpoint_path
 
-    from blob_pyro.rundir import POST_HOC_FIELDS, config_differences_for_reuse, describe_differences, read_config_dict
-
     run_dir = Path(cfg.output_dir) / subdir
     # The sub-run evaluates no --eval-tasks itself: the baseline evaluates them through its own predictive.
     sub_cfg = replace(cfg, method="svi", output_dir=str(run_dir), overwrite=True, resume=False, eval_tasks="", **overrides)
@@ -200,59 +171,3 @@ def train_base_run(cfg: TrainConfig, subdir: str, **overrides) -> Path:
     resume = cfg.resume and checkpoint_path(run_dir).exists()
     train(replace(sub_cfg, resume=resume))
     return run_dir
-
-
-def read_metrics(run_dir) -> dict:
-    return json.loads((Path(run_dir) / "metrics.json").read_text())
-
-
-class FixedGaussianGuide(torch.nn.Module):
-    """A non-trainable mean-field Gaussian over given sites, for post-hoc baselines (TFB, Laplace).
-
-    Behaves like a ``LoRAGuide`` for :mod:`blob_pyro.evaluation.predictive`: ``forward`` samples every
-    site, ``posterior_mean()`` returns the means, ``loc_and_scale(site)`` the marginals. Sites named
-    ``<path>.lora_B`` need a model built with random B (:func:`blob_pyro.models.with_random_B`); the guide
-    checks the model and never changes it.
-
-    :param model: the ``BayesianLoRAModel``. :param locs, scales: ``{site: tensor}``.
-    """
-
-    scores_prior = True
-    point_estimate = False
-    provides_flipout_loc = False
-
-    def __init__(self, model, locs: dict, scales: dict):
-        super().__init__()
-        self._model = (model,)
-        self.locs = {k: v.detach() for k, v in locs.items()}
-        self.scales = {k: v.detach() for k, v in scales.items()}
-        random_B = set(model.random_B_sites)
-        given_B = {site for site in self.locs if site.endswith(".lora_B")}
-        if given_B != random_B:
-            raise ValueError(
-                f"FixedGaussianGuide: the posterior covers the B sites {sorted(given_B)[:3]} but the model's random B sites "
-                f"are {sorted(random_B)[:3]}; build the model with blob_pyro.models.with_random_B(model) for a posterior "
-                "over B, or leave B out of the posterior"
-            )
-
-    @property
-    def bayesian_B(self) -> bool:
-        return bool(self._model[0].random_B_sites)
-
-    @property
-    def site_names(self) -> list[str]:
-        return list(self.locs)
-
-    def loc_and_scale(self, site: str):
-        return self.locs[site], self.scales[site]
-
-    def has_loc_and_scale(self) -> bool:
-        return True
-
-    def forward(self, *args, **kwargs):
-        import pyro.distributions as dist
-
-        return {site: pyro.sample(site, dist.Normal(loc, self.scales[site]).to_event(loc.dim())) for site, loc in self.locs.items()}
-
-    def posterior_mean(self) -> dict:
-        return dict(self.locs)

@@ -14,8 +14,10 @@ from blob_pyro.run_predictive import RunPredictive, base_run_dir, concatenate_dr
 
 from blob_pyro.evaluation.metrics import classification_metrics
 
+from blob_pyro.rundir import load_predictions, read_metrics
+
 from . import register_method
-from .common import load_predictions, primary_mode, read_metrics, train_base_run, write_baseline_run
+from .common import primary_mode, train_base_run, write_baseline_run
 
 __all__ = ["average_probabilities", "EnsemblePredictive", "load_predictive", "run"]
 
@@ -86,7 +88,7 @@ class EnsemblePredictive(RunPredictive):
         return None  # a mixture has no single point estimate
 
     def draws(self, model, batches, *, num_samples, seed, posterior_sites=()):
-        from blob_pyro.evaluation.inference_data import draw_predictive
+        from blob_pyro.evaluation.predictive import draw_predictive
 
         parts = []
         for k in range(len(self.members)):

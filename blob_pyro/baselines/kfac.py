@@ -39,7 +39,7 @@ import pyro
 import torch
 from torch import nn
 
-from .common import FixedGaussianGuide
+from blob_pyro.guides.fixed import FixedGaussianGuide
 
 __all__ = [
     "MAX_DENSE_DIM", "KroneckerFactor", "KroneckerCurvature", "KroneckerPosterior", "KroneckerGaussianGuide",

@@ -38,8 +38,11 @@ from blob_pyro.evaluation.predictive import sample_probs
 
 from blob_pyro.run_predictive import RunPredictive
 
+from blob_pyro.guides.fixed import FixedGaussianGuide
+from blob_pyro.rundir import read_metrics
+
 from . import register_method
-from .common import FixedGaussianGuide, load_run, read_metrics, train_base_run, write_baseline_run
+from .common import load_run, train_base_run, write_baseline_run
 from .kfac import KroneckerGaussianGuide, KroneckerPosterior, kfac_curvature
 
 __all__ = [
@@ -250,11 +253,10 @@ def run(cfg) -> dict:
 
     val_batches = loaded.validation_batches()
     labels = data.validation.labels
-    torch.manual_seed(cfg.seed)
     samples = max(cfg.eval_samples, 1)
     if cfg.laplace_predictive == "mc":
         name = f"samples_{samples}"
-        probs = sample_probs(model, posterior.guide, val_batches, num_samples=samples).mean(0)
+        probs = sample_probs(model, posterior.guide, val_batches, num_samples=samples, seed=cfg.seed).mean(0)
     else:
         name = "probit"
         probs = probit_predictive(*probit_moments(fit, model, val_batches)).float()
@@ -285,7 +287,7 @@ class LaplaceProbitPredictive(RunPredictive):
         return posterior_mean_probs(model, self.fit.posterior.guide, batches).numpy()
 
     def draws(self, model, batches, *, num_samples, seed, posterior_sites=()):
-        from blob_pyro.evaluation.inference_data import PredictiveDraws, draw_seed
+        from blob_pyro.evaluation.predictive import PredictiveDraws, draw_seed
 
         mu, var = (t.numpy() for t in self._moments(model, batches))
         probs, labels, seeds = [], [], []

@@ -1,6 +1,9 @@
 """MC dropout (Gal & Ghahramani 2016): train with LoRA dropout (``--lora-dropout``, 0.1 in the paper),
 keep the adapters' dropout on at test time and average the softmax over ``--eval-samples`` passes
-(10 in the paper). Everything else (A, B) is at its point estimate / posterior mean."""
+(10 in the paper). Everything else (A, B) is at its point estimate / posterior mean
+(:class:`~blob_pyro.guides.fixed.PosteriorMeanGuide`); pass s is draw s of the shared sampler
+(:func:`blob_pyro.evaluation.predictive.draw_predictive`, seeded by ``draw_seed(seed, s)``), so ``train`` and
+``evaluate`` see the same dropout masks."""
 
 from __future__ import annotations
 
@@ -10,10 +13,13 @@ from contextlib import contextmanager
 import torch
 
 from blob_pyro.evaluation.metrics import classification_metrics
-from blob_pyro.evaluation.predictive import posterior_mean_probs
+from blob_pyro.evaluation.predictive import sample_probs
+from blob_pyro.guides.fixed import PosteriorMeanGuide
+
+from blob_pyro.rundir import read_metrics
 
 from . import register_method
-from .common import load_run, read_metrics, train_base_run, write_baseline_run
+from .common import load_run, train_base_run, write_baseline_run
 
 __all__ = ["dropout_on", "mc_dropout_probs", "load_predictive", "run"]
 
@@ -34,10 +40,11 @@ def dropout_on(model):
 
 
 @torch.no_grad()
-def mc_dropout_probs(model, guide, batches, *, num_samples: int) -> torch.Tensor:
-    """``(num_samples, n, K)`` probabilities with the adapters' dropout on (the rest of the model in eval)."""
+def mc_dropout_probs(model, guide, batches, *, num_samples: int, seed: int = 0) -> torch.Tensor:
+    """``(num_samples, n, K)`` probabilities at ``guide``'s posterior mean with the adapters' dropout on (the
+    rest of the model in eval); pass s seeded by ``draw_seed(seed, s)``."""
     with dropout_on(model):
-        return torch.stack([posterior_mean_probs(model, guide, batches) for _ in range(num_samples)])
+        return sample_probs(model, PosteriorMeanGuide(guide), batches, num_samples=num_samples, seed=seed)
 
 
 def load_predictive(run_dir, cfg, *, device=None, dtype=None):
@@ -48,8 +55,8 @@ def load_predictive(run_dir, cfg, *, device=None, dtype=None):
     loaded = load_run(base_run_dir(run_dir, cfg), device=device, dtype=dtype)
     return GuidePredictive(
         method="mc_dropout", description=f"MC dropout p = {cfg.lora_dropout}", cfg=loaded.cfg, model=loaded.model,
-        data=loaded.data, tokenizer=loaded.tokenizer, device=loaded.device, point_estimate=False, guide=loaded.guide,
-        draw_context=dropout_on, record_sites=False,
+        data=loaded.data, tokenizer=loaded.tokenizer, device=loaded.device, point_estimate=False,
+        guide=PosteriorMeanGuide(loaded.guide), draw_context=dropout_on, record_sites=False,
     )
 
 
@@ -59,11 +66,10 @@ def run(cfg) -> dict:
     start = time.perf_counter()
     base = train_base_run(cfg, "base")
     loaded = load_run(base)
-    torch.manual_seed(cfg.seed)
     batches = loaded.validation_batches()
     labels = loaded.data.validation.labels
     samples = max(cfg.eval_samples, 1)
-    draws = mc_dropout_probs(loaded.model, loaded.guide, batches, num_samples=samples)
+    draws = mc_dropout_probs(loaded.model, loaded.guide, batches, num_samples=samples, seed=cfg.seed)
     base_metrics = read_metrics(base)
     name = f"samples_{samples}"
     metrics = {k: base_metrics[k] for k in ("zero_shot", "mean") if k in base_metrics}

@@ -30,8 +30,10 @@ from blob_pyro.run_predictive import GuidePredictive
 
 from blob_pyro.evaluation.metrics import classification_metrics
 
+from blob_pyro.rundir import read_metrics
+
 from . import register_method
-from .common import load_run, read_metrics, train_base_run, write_baseline_run
+from .common import load_run, train_base_run, write_baseline_run
 
 __all__ = [
     "MIN_TEMPERATURE", "MAX_TEMPERATURE", "fit_temperature", "temperature_nll", "TemperatureScaledHead",

@@ -5,7 +5,7 @@ For each adapter with point estimates (B, A): thin SVD ``B = U diag(d) V^T``; re
 ``Omega_ij = sigma / d_i``: the induced noise on the weight update ``B' (A - A')`` is then isotropic with
 std ``sigma`` in the column space of B (the paper's "low-rank isotropic Gaussian"). One scalar sigma is
 shared by every layer and chosen as the LARGEST value whose anchor-set NLL (MC predictive, common random
-numbers) exceeds the point estimate's by at most ``--tfb-nll-tolerance`` nats: a bisection in log sigma on
+numbers: the same seeded draws of the noise for every sigma) exceeds the point estimate's by at most ``--tfb-nll-tolerance`` nats: a bisection in log sigma on
 ``[--tfb-min-std, --tfb-max-std]`` (:func:`largest_admissible_std`; 0 if even the minimum is too much). No gradient, no training.
 """
 
@@ -20,8 +20,11 @@ import torch
 from blob_pyro.evaluation.metrics import classification_metrics, negative_log_likelihood
 from blob_pyro.evaluation.predictive import posterior_mean_probs, sample_probs
 
+from blob_pyro.guides.fixed import FixedGaussianGuide
+from blob_pyro.rundir import read_metrics
+
 from . import register_method
-from .common import FixedGaussianGuide, load_run, read_metrics, train_base_run, write_baseline_run
+from .common import load_run, train_base_run, write_baseline_run
 
 __all__ = ["largest_admissible_std", "scaled", "tfb_posterior", "load_predictive", "run"]
 
@@ -95,10 +98,9 @@ def run(cfg) -> dict:
     base_nll = negative_log_likelihood(posterior_mean_probs(model, FixedGaussianGuide(model, locs, unit_scales), anchor_batches).numpy(), anchor_labels)
     trace = []
 
-    def degradation(sigma: float) -> float:
-        torch.manual_seed(cfg.seed)  # common random numbers: the same noise for every sigma
+    def degradation(sigma: float) -> float:  # the same seed: common random numbers, the same noise for every sigma
         guide = FixedGaussianGuide(model, locs, scaled(unit_scales, sigma))
-        probs = sample_probs(model, guide, anchor_batches, num_samples=search_samples).mean(0).numpy()
+        probs = sample_probs(model, guide, anchor_batches, num_samples=search_samples, seed=cfg.seed).mean(0).numpy()
         value = negative_log_likelihood(probs, anchor_labels) - base_nll
         trace.append({"sigma": sigma, "nll_increase": value})
         return value
@@ -111,8 +113,7 @@ def run(cfg) -> dict:
     guide = FixedGaussianGuide(model, locs, scaled(unit_scales, sigma))
     val_batches = loaded.validation_batches()
     labels = data.validation.labels
-    torch.manual_seed(cfg.seed)
-    draws = sample_probs(model, guide, val_batches, num_samples=samples)
+    draws = sample_probs(model, guide, val_batches, num_samples=samples, seed=cfg.seed)  # as evaluate draws them
     base_metrics = read_metrics(base)
     name = f"samples_{samples}"
     metrics = {k: base_metrics[k] for k in ("zero_shot", "mean") if k in base_metrics}

@@ -1,4 +1,4 @@
-"""The BLoB paper's benchmarks (Wang et al., 2024, section 4; BLOB.md section 4) as named tasks.
+"""The BLoB paper's benchmarks (Wang et al., 2024, section 4) as named tasks.
 
 Each :class:`PaperTask` fixes the Hugging Face hub id and config, the mapping of a hub row to a lettered
 multiple-choice prompt (:class:`~blob_pyro.data.MultipleChoiceExample`), the answer-label tokens

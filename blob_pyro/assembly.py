@@ -20,7 +20,7 @@ from blob_pyro.data import (
     stratified_split,
 )
 from blob_pyro.data.choice_scoring import EncodedChoices, encode_choice_continuations, iterate_choice_batches
-from blob_pyro.guides import GUIDES, make_guide
+from blob_pyro.guides import make_guide
 from blob_pyro.models import AnswerTokenHead, BayesianLoRAModel, ChoiceLikelihoodHead, SequenceClassificationHead, bayesianize
 from blob_pyro.models.checks import check_classifier_adapted, check_shared_prompt_support
 from blob_pyro.objectives import ELBOObjective, KLWeighting, ParityObjective
@@ -203,10 +203,9 @@ def build_model(cfg: TrainConfig, network, data: TaskData) -> BayesianLoRAModel:
     choice layout the network is first probed (:func:`check_shared_prompt_support`)."""
     if cfg.task_type == "causal_lm" and not uses_answer_letters(cfg) and data.choice_layout == "shared_prompt":
         check_shared_prompt_support(network, model_name=f"--model {cfg.model}")
-    guide_class = GUIDES.get(cfg.guide)  # a family over B (meanfield) needs B built as a sample site
-    bayesianize(
+    bayesianize(  # a family over B (meanfield: random_B = True) needs B built as a sample site
         network, cfg.target_module_spec, rank=cfg.rank, alpha=cfg.alpha, prior=cfg.build_prior(), dropout=cfg.lora_dropout,
-        bayesian_sites=cfg.bayesian_sites, random_B=guide_class is not None and guide_class.random_B is True,
+        bayesian_sites=cfg.bayesian_sites, random_B=cfg.guide_class().random_B is True,
     )
     if uses_answer_letters(cfg):
         head = AnswerTokenHead(data.answer_token_ids)
@@ -219,21 +218,19 @@ def build_model(cfg: TrainConfig, network, data: TaskData) -> BayesianLoRAModel:
     return BayesianLoRAModel(network, head).to(device)
 
 
-GUIDE_OPTIONS = {  # which TrainConfig fields each registered guide takes (as guide keyword -> config field)
-    "blob": {"eps": "eps"},
-    "meanfield": {"eps": "eps"},
-    "normal": {"init_scale": "init_scale"},
-    "lowrank": {"init_scale": "init_scale", "rank": "guide_rank"},
-}
-
-
 def build_guide(cfg: TrainConfig, model: BayesianLoRAModel, *, init_loc_fn=None):
     """The ``--guide`` of ``model``; ``init_loc_fn`` (``layer -> (rank, in_features)``) overrides the LoRA
     init of its mean of A (e.g. :func:`blob_pyro.peft_adapter.peft_init_loc_fn`)."""
-    options = {key: getattr(cfg, field) for key, field in GUIDE_OPTIONS.get(cfg.guide, {}).items()}
+    options = cfg.guide_options()  # the config fields the guide declares, then --guide-kwargs
     if init_loc_fn is not None:
         options["init_loc_fn"] = init_loc_fn
-    return make_guide(cfg.guide, model, **options)
+    try:
+        return make_guide(cfg.guide, model, **options)
+    except TypeError as err:
+        if "unexpected keyword argument" not in str(err):
+            raise
+        raise ValueError(f"--guide {cfg.guide} does not accept the options {sorted(options)} (from --guide-kwargs or the "
+                         f"fields it declares): {err}") from None
 
 
 def build_objective(cfg: TrainConfig, model, guide, *, num_data: int, processes: int = 1):

@@ -59,31 +59,46 @@ from blob_pyro.rundir import describe_differences
 __all__ = ["METHOD_FLAGS", "BASE_METHOD", "method_flags", "run_order", "main", "summarise", "write_tables", "plot_reliability",
            "ood_rows", "write_ood_tables", "run_config_differences", "preflight"]
 
-METHOD_FLAGS = {
-    "mc_dropout": ["--method", "mc_dropout", "--guide", "mle", "--lora-dropout", "0.1"],
-    "ensemble": ["--method", "ensemble", "--guide", "mle"],
-    "laplace": ["--method", "laplace", "--guide", "map"],
-    # Laplace-LoRA as the paper runs it: Kronecker-factored GGN, linearised (probit) predictive
-    "laplace_kfac": ["--method", "laplace", "--guide", "map", "--laplace-hessian", "kfac", "--laplace-predictive", "probit"],
-    "tfb": ["--method", "tfb", "--guide", "mle"],
-    "temperature": ["--method", "temperature", "--guide", "mle"],
-    # BLoB as its official code trains it (two optimisers, KL cycle, rescaling, flipout); the flags given to
-    # compare (e.g. --lr, --max-steps, --kllr) still override the recipe's values
-    "blob_official": ["--guide", "blob", "--recipe", "official"],
-}
-BASE_METHOD = {"laplace": "map", "laplace_kfac": "map", "tfb": "mle", "temperature": "mle", "ensemble": "mle"}
+
+
+def _method_table() -> tuple[dict, dict]:
+    """``(METHOD_FLAGS, BASE_METHOD)`` from the registries: every baseline's ``compare`` entries
+    (``blob_pyro.baselines.register_method``) and one ``<guide>_<recipe>`` method per recipe (``blob_official``:
+    BLoB as its official code trains it; the flags given to compare, e.g. --lr or --kllr, still override the
+    recipe's values)."""
+    from blob_pyro.baselines import registered_methods
+    from blob_pyro.config import RECIPES
+
+    flags, bases = {}, {}
+    for name, method in registered_methods().items():
+        for alias, extra in method.compare.items():
+            flags[alias] = ["--method", name, *extra]
+            if method.base_method is not None:
+                bases[alias] = method.base_method
+    for recipe, values in RECIPES.items():
+        flags[f"{values['guide']}_{recipe}"] = ["--guide", values["guide"], "--recipe", recipe]
+    return flags, bases
+
+
+#: ``{compare method: train flags}`` of the methods that are not a plain ``--guide`` (derived, see above).
+#: ``{baseline: the method whose run of the same seed it builds on}``.
+METHOD_FLAGS, BASE_METHOD = _method_table()
 METRICS = [("acc", "ACC %", 100.0), ("ece", "ECE % (15 bins)", 1.0), ("nll", "NLL", 1.0), ("brier", "Brier", 1.0)]
 
 
 def method_flags(method: str) -> list[str]:
     """The ``blob_pyro.train`` flags that select ``method``."""
-    from blob_pyro.guides import GUIDES
+    from blob_pyro.guides import registered_guides, resolve_guide
 
     if method in METHOD_FLAGS:
         return list(METHOD_FLAGS[method])
-    if method in GUIDES or ":" in method:
+    if method in registered_guides():
         return ["--guide", method]
-    raise ValueError(f"unknown method {method!r}; valid: {sorted(GUIDES) + sorted(METHOD_FLAGS)} or an autoguide 'module:Class'")
+    if ":" in method:
+        resolve_guide(method)  # a typo or a refused autoguide fails before any run starts
+        return ["--guide", method]
+    raise ValueError(f"unknown method {method!r}; valid: {sorted(registered_guides()) + sorted(METHOD_FLAGS)} or an autoguide "
+                     "'module:Class' (any LoRAGuide subclass by import path too)")
 
 
 def run_dir(output_dir: Path, method: str, seed: int) -> Path:

@@ -14,9 +14,9 @@ import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
-__all__ = ["TrainConfig", "config_parser", "DEFAULT_TASK", "RECIPES"]
+__all__ = ["TrainConfig", "config_parser", "field_help", "field_choices", "DEFAULT_TASK", "RECIPES"]
 
 DEFAULT_TASK = "bundled:social_iqa"
 
@@ -34,8 +34,45 @@ RECIPES: dict[str, dict[str, Any]] = {
 }
 
 
-def _f(default, help: str, choices: Optional[Sequence[Any]] = None):
-    return field(default=default, metadata={"help": help, "choices": choices})
+def _f(default, help: str, choices: Optional[Sequence[Any]] = None, registry: Optional[Callable[[], dict]] = None):
+    """A field with its help text; ``registry`` (``() -> {name: description}``, read when the help is shown)
+    fills ``{registered}`` in ``help``, so the registries, not this file, list the guides, priors and methods."""
+    return field(default=default, metadata={"help": help, "choices": choices, "registry": registry})
+
+
+def _guides() -> dict:
+    from blob_pyro.guides import registry
+
+    registry.registered_guides()
+    return registry.GUIDE_HELP
+
+
+def _priors() -> dict:
+    from blob_pyro.models.priors import PRIOR_HELP
+
+    return PRIOR_HELP
+
+
+def _methods() -> dict:
+    from blob_pyro.baselines import METHOD_HELP, registered_methods
+
+    registered_methods()
+    return {"svi": "train the --guide by SVI", **METHOD_HELP}
+
+
+def field_help(f: dataclasses.Field) -> str:
+    """The help text of field ``f`` with its registry's names and descriptions filled in."""
+    text = f.metadata.get("help", "")
+    registry = f.metadata.get("registry")
+    if registry is not None:
+        text = text.replace("{registered}", "; ".join(f"{name}: {description}" for name, description in registry().items()))
+    return text
+
+
+def field_choices(f: dataclasses.Field) -> Optional[list]:
+    """The allowed values of field ``f`` (None: any value of its type)."""
+    choices = f.metadata.get("choices")
+    return list(choices()) if callable(choices) else choices
 
 
 @dataclass
@@ -73,17 +110,18 @@ class TrainConfig:
     rank: int = _f(8, "LoRA rank r")
     alpha: float = _f(16.0, "LoRA alpha (update scaled by alpha / r)")
     lora_dropout: float = _f(0.0, "LoRA dropout on the adapter input")
-    prior: str = _f("normal", "prior over LoRA A: a registered name (normal, laplace, student_t, hierarchical: normal whose scale is learned by empirical Bayes, starting at --prior-scale), or an import path module:callable called with --prior-kwargs: a pyro.distributions class (each element i.i.d., e.g. pyro.distributions:StudentT) or a function returning a blob_pyro.models.Prior or a scalar distribution")
+    prior: str = _f("normal", "prior over LoRA A: a registered name ({registered}; built with --prior-scale, and --prior-df where it takes df), or an import path module:callable called with --prior-kwargs: a pyro.distributions class (each element i.i.d., e.g. pyro.distributions:StudentT) or a function returning a blob_pyro.models.Prior or a scalar distribution", registry=_priors)
     prior_kwargs: Optional[str] = _f(None, "import-path --prior only: its keyword arguments as a JSON object, e.g. '{\"df\": 3, \"loc\": 0, \"scale\": 0.2}'")
     prior_scale: float = _f(0.2, "prior scale (BLoB: 0.2)")
     prior_df: float = _f(3.0, "degrees of freedom of the student_t prior")
 
     # Variational family and objective
-    guide: str = _f("blob", "variational family: blob (Bayesian A, deterministic B), meanfield (Bayesian A and B, 'BBB'), map (point estimate with the prior), mle (plain LoRA), normal (AutoNormal over A), lowrank (AutoLowRankMultivariateNormal over A), or any autoguide as 'module:Class' (e.g. pyro.infer.autoguide:AutoDiagonalNormal)")
+    guide: str = _f("blob", "variational family: a registered name ({registered}), or an import path module:Class of a blob_pyro.guides.LoRAGuide subclass or of any autoguide (e.g. pyro.infer.autoguide:AutoDiagonalNormal, AutoLowRankMultivariateNormal, AutoLaplaceApproximation: MAP by SVI, then the Hessian of the log joint over the training set)", registry=_guides)
+    guide_kwargs: Optional[str] = _f(None, "keyword arguments of the --guide constructor as a JSON object, e.g. '{\"rank\": 4, \"init_scale\": 0.01}'; they override the values the guide takes from --eps, --init-scale and --guide-rank")
     bayesian_sites: Optional[str] = _f(None, "regex (re.search) of the LoRA-A sites that are Bayesian, e.g. 'lm_head' (fixed when the model is built; the guide covers exactly these); the other adapters are deterministic plain-LoRA layers (no prior term). Unset: all")
-    guide_rank: int = _f(8, "lowrank guide: rank of the covariance factor")
-    init_scale: float = _f(0.0025, "normal/lowrank guides: initial posterior scale (BLoB's initial std is eps^2 = 0.0025)")
-    method: str = _f("svi", "svi: train the --guide by SVI. Baselines (blob_pyro.baselines): mc_dropout (LoRA dropout kept on at test, --eval-samples passes; needs --lora-dropout > 0), ensemble (--ensemble-size runs of --guide with seeds seed, seed+1000, ...; probabilities averaged), laplace (post-hoc Laplace over the LoRA parameters of a --guide map/mle run), tfb (training-free Bayesianization of a --guide map/mle run), temperature (post-hoc temperature scaling of the posterior-mean logits of any run, one T fitted by NLL on its --num-calibration examples)", ["svi", "mc_dropout", "ensemble", "laplace", "tfb", "temperature"])
+    guide_rank: int = _f(8, "rank of the covariance factor of guides that take rank (lowrank, pyro.infer.autoguide:AutoLowRankMultivariateNormal)")
+    init_scale: float = _f(0.0025, "initial posterior scale of guides that take init_scale (normal, lowrank, autoguides such as AutoNormal, AutoDiagonalNormal); BLoB's initial std is eps^2 = 0.0025")
+    method: str = _f("svi", "{registered}; the baselines (blob_pyro.baselines) write the same run files", _methods, registry=_methods)
     base_run: Optional[str] = _f(None, "laplace, tfb, temperature: fit post hoc to this finished run directory (e.g. the MAP / MLE run of the same seed) instead of training a new base run; ensemble: use it as member 0. Its config must match this run's in model, data, adapter and seed")
     ensemble_size: int = _f(3, "ensemble: number of independently seeded members")
     laplace_hessian: str = _f("diag", "laplace: curvature of the LoRA parameters: diag (diagonal GGN; exact for the categorical likelihood, K backward passes per example), diag_ef (empirical Fisher, one per example) or kfac (Kronecker-factored GGN n kron(G, A) of every LoRA A and B: A the layer-input, G the output-gradient second moment, K backward passes per example; correlated posterior draws for mc, the Kronecker covariance for probit; factors larger than 4096, e.g. lm_head's vocabulary side, kept diagonal)", ["diag", "diag_ef", "kfac"])
@@ -157,13 +195,15 @@ class TrainConfig:
         if self.eval_samples < 0:
             raise ValueError(f"--eval-samples must be >= 0 (0 = posterior mean only), got {self.eval_samples}")
         for f in dataclasses.fields(self):
-            choices = f.metadata.get("choices")
+            choices = field_choices(f)
             if choices and getattr(self, f.name) not in choices:
                 raise ValueError(f"--{_flag(f.name)} must be one of {list(choices)}, got {getattr(self, f.name)!r}")
         if self.objective == "parity" and self.guide != "blob":
             raise ValueError("--objective parity reproduces BLoB's update rule and needs --guide blob")
-        if self.flipout != "none" and self.guide != "blob":
-            raise ValueError(f"--flipout needs --guide blob (it perturbs around the guide mean), got --guide {self.guide}")
+        guide = self.guide_class()  # raises for an unknown name, a failed import or a refused autoguide
+        if self.flipout != "none" and not guide.provides_flipout_loc:
+            raise ValueError(f"--flipout needs a guide that hands flipout its mean of A, such as --guide blob (it perturbs "
+                             f"around the guide mean), got --guide {self.guide}")
         if self.num_calibration < 0:
             raise ValueError(f"--num-calibration must be >= 0 (0 = no calibration split), got {self.num_calibration}")
         if self.method == "temperature" and self.num_calibration == 0 and not self.base_run:
@@ -182,10 +222,7 @@ class TrainConfig:
                 from blob_pyro.data.paper_tasks import paper_task
 
                 paper_task(spec[len("paper:"):])  # raises listing the paper tasks
-        from blob_pyro.guides import GUIDES  # late import: the registry may grow after this module loads
-
-        if self.guide not in GUIDES:
-            raise ValueError(f"unknown guide {self.guide!r}; valid names: {sorted(GUIDES)}")
+        self.guide_options()  # raises for malformed --guide-kwargs
         if not self.target_modules.strip():
             raise ValueError("--target-modules is empty; e.g. q_proj,v_proj,lm_head")
         if self.tfb_search_samples < 0:
@@ -202,7 +239,7 @@ class TrainConfig:
             raise ValueError(f"--laplace-prior-precision must be >= 0 (0 = marginal likelihood), got {self.laplace_prior_precision}")
         if self.laplace_examples < 0:
             raise ValueError(f"--laplace-examples must be >= 0 (0 = all training examples), got {self.laplace_examples}")
-        if self.method in ("laplace", "tfb") and self.guide not in ("map", "mle"):
+        if self.method in ("laplace", "tfb") and not guide.point_estimate:
             raise ValueError(f"--method {self.method} is post-hoc on a point estimate: use --guide map or mle, got --guide {self.guide}")
         if self.method == "mc_dropout" and self.lora_dropout == 0:
             raise ValueError("--method mc_dropout needs dropout to sample from: pass --lora-dropout 0.1 (the paper's value)")
@@ -221,6 +258,28 @@ class TrainConfig:
                 raise ValueError(f"--objective parity cannot use --prior {self.prior}: {reason}. It supports priors with a "
                                  "closed-form KL against a Normal guide and no learned parameters (normal, laplace, or an "
                                  "import path to such a distribution); use --objective elbo with this prior")
+
+    def guide_class(self) -> type:
+        """The ``blob_pyro.guides.LoRAGuide`` subclass that ``--guide`` builds (nothing is built)."""
+        from blob_pyro.guides import guide_class
+
+        return guide_class(self.guide)
+
+    def guide_options(self) -> dict:
+        """Keyword arguments of the guide: the run-config fields it declares (``LoRAGuide.config_fields``),
+        then ``--guide-kwargs``."""
+        from blob_pyro.guides import guide_config_fields
+
+        options = {key: getattr(self, name) for key, name in guide_config_fields(self.guide).items()}
+        if self.guide_kwargs:
+            try:
+                extra = json.loads(self.guide_kwargs)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"--guide-kwargs must be a JSON object such as '{{\"rank\": 4}}', got {self.guide_kwargs!r} ({err})") from None
+            if not isinstance(extra, dict):
+                raise ValueError(f"--guide-kwargs must be a JSON object such as '{{\"rank\": 4}}', got {self.guide_kwargs!r}")
+            options.update(extra)
+        return options
 
     def build_prior(self):
         """The prior named by ``--prior`` (with ``--prior-scale``/``--prior-df`` or ``--prior-kwargs``)."""
@@ -241,8 +300,8 @@ class TrainConfig:
     def _check_init_from_peft(self) -> None:
         if not self.init_from_peft.strip():
             raise ValueError("--init-from-peft is empty: pass the folder of a PEFT LoRA adapter (adapter_config.json + adapter_model.safetensors)")
-        if self.guide == "meanfield":
-            raise ValueError("--init-from-peft sets the deterministic B of the LoRA layers, but --guide meanfield makes B random; "
+        if self.guide_class().random_B is True:
+            raise ValueError(f"--init-from-peft sets the deterministic B of the LoRA layers, but --guide {self.guide} makes B random; "
                              "use --guide blob, map, mle, normal or lowrank")
         if self.base_run:
             raise ValueError("--init-from-peft starts a new base run, --base-run reuses a finished one: pass only one of them")
@@ -343,12 +402,12 @@ def config_parser(cls, *, prog: str, description: Optional[str] = None, keep_def
         hint = hints[f.name]
         kind = next((a for a in typing.get_args(hint) if a is not type(None)), hint)  # Optional[X] -> X
         kwargs: dict[str, Any] = {"default": f.default if keep_defaults else argparse.SUPPRESS,
-                                  "help": f.metadata.get("help", ""), "dest": f.name}
+                                  "help": field_help(f).replace("%", "%%"), "dest": f.name}
         if kind is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
         else:
             kwargs["type"] = kind
-            if f.metadata.get("choices"):
-                kwargs["choices"] = f.metadata["choices"]
+            if field_choices(f):
+                kwargs["choices"] = field_choices(f)
         parser.add_argument(f"--{_flag(f.name)}", **kwargs)
     return parser

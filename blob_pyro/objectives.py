@@ -29,7 +29,7 @@ from torch.distributions import kl_divergence
 
 from blob_pyro.models.bayesian_model import BayesianLoRAModel, guide_locs
 
-from .optim import adamw_with_schedule
+from .optim import adamw_with_schedule, spread_parameter_test
 from .schedules import kl_reweighting_pi, linear_warmup_decay
 
 __all__ = [
@@ -169,6 +169,7 @@ class ELBOObjective:
         self.optim = adamw_with_schedule(
             lr=lr, lr_factor=linear_warmup_decay(total_steps, warmup_ratio), weight_decay=weight_decay,
             eps=adam_eps, max_grad_norm=max_grad_norm, loss_scale=num_data, scale_lr_factor=scale_lr_factor,
+            is_spread=spread_parameter_test(guide),
         )
         self.elbo = _recording(elbo)
         self.svi = SVI(model, guide, self.optim, self.elbo)

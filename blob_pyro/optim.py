@@ -7,7 +7,8 @@ trainable parameters. :class:`ClippedScheduledOptim` does that before the per-pa
 per-example loss, so its gradient norm is compared with ``max_grad_norm * N``. A non-finite gradient
 raises before any parameter changes.
 
-``scale_lr_factor`` gives the guide's spread parameters (:func:`is_scale_parameter`) their own learning
+``scale_lr_factor`` gives the guide's spread parameters (``guide.spread_parameters()``, declared by each guide
+class; :func:`spread_parameter_test`) their own learning
 rate, ``lr * scale_lr_factor``: Adam moves every parameter by at most about its learning rate per step, so
 in a short run (150 steps at lr 1e-3 move BLoB's G by at most ~0.075) the posterior std is set by the
 step budget, not by the balance of the KL and the data it is meant to learn.
@@ -22,19 +23,19 @@ import pyro
 import torch
 from pyro.optim import PyroLRScheduler
 
-__all__ = ["ClippedScheduledOptim", "SCALE_PARAMETER_NAMES", "adamw_with_schedule", "is_scale_parameter"]
-
-#: Names (one component of a parameter's dotted name) of the parameters that set a guide's posterior
-#: spread: BLoB/mean-field ``std_roots`` (G), AutoNormal ``scales``, AutoLowRankMultivariateNormal
-#: ``scale`` and ``cov_factor``, AutoMultivariateNormal ``scale_tril``.
-SCALE_PARAMETER_NAMES = frozenset({"std_roots", "scales", "scale", "cov_factor", "scale_tril"})
+__all__ = ["ClippedScheduledOptim", "adamw_with_schedule", "spread_parameter_test"]
 
 
-def is_scale_parameter(name: str) -> bool:
-    """Whether the Pyro parameter ``name`` (e.g. ``"std_roots.lm_head.lora_A"``) sets a guide's posterior
-    spread. Model parameters under ``prior.`` (the hierarchical prior's learned ``prior.scale``) do not."""
-    parts = name.replace("$$$", ".").split(".")
-    return parts[0] != "prior" and any(part in SCALE_PARAMETER_NAMES for part in parts)
+def spread_parameter_test(guide) -> Callable[[str], bool]:
+    """``name -> bool``: whether the Pyro parameter ``name`` is one of ``guide.spread_parameters()`` (the
+    tensors that set its posterior spread, as the guide class declares them). Model parameters (B, the
+    hierarchical prior's ``prior.scale``) never are."""
+
+    def is_spread(name: str) -> bool:  # read when the optimiser first meets a parameter: the tensors are final
+        tensor = dict(pyro.get_param_store().named_parameters()).get(name)
+        return any(tensor is p for p in guide.spread_parameters())
+
+    return is_spread
 
 
 class ClippedScheduledOptim(PyroLRScheduler):
@@ -78,14 +79,15 @@ class ClippedScheduledOptim(PyroLRScheduler):
 def adamw_with_schedule(
     *, lr: float, lr_factor: Callable[[int], float], weight_decay: float = 0.0, eps: float = 1e-6,
     max_grad_norm: Optional[float] = 1.0, loss_scale: float = 1.0, scale_lr_factor: float = 1.0,
+    is_spread: Callable[[str], bool] = lambda name: False,
 ) -> ClippedScheduledOptim:
-    """AdamW(lr, eps, weight_decay) with ``LambdaLR(lr_factor)`` and global-norm clipping; spread parameters
-    (:func:`is_scale_parameter`) get ``lr * scale_lr_factor``."""
+    """AdamW(lr, eps, weight_decay) with ``LambdaLR(lr_factor)`` and global-norm clipping; the parameters for
+    which ``is_spread(name)`` holds (e.g. :func:`spread_parameter_test` of the guide) get ``lr * scale_lr_factor``."""
     if not (math.isfinite(scale_lr_factor) and scale_lr_factor > 0):
         raise ValueError(f"scale_lr_factor must be a finite positive number, got {scale_lr_factor!r}")
 
     def optim_args(param_name: str) -> dict:
-        factor = scale_lr_factor if is_scale_parameter(param_name) else 1.0
+        factor = scale_lr_factor if scale_lr_factor != 1.0 and is_spread(param_name) else 1.0
         return {"lr": lr * factor, "eps": eps, "weight_decay": weight_decay}
 
     return ClippedScheduledOptim(

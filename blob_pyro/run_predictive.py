@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import importlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -227,10 +226,10 @@ def svi_predictive(run_dir, cfg: TrainConfig, *, device=None, dtype=None) -> Gui
 
 def load_run_predictive(run_dir, *, device: Optional[str] = None, dtype: Optional[torch.dtype] = None) -> RunPredictive:
     """The :class:`RunPredictive` of the finished run in ``run_dir``, whatever its ``--method``."""
-    from blob_pyro.baselines import METHODS
+    from blob_pyro.baselines import registered_methods
 
     run_dir = Path(run_dir)
     cfg = TrainConfig.load(run_dir / "config.json")
     if cfg.method == "svi":
         return svi_predictive(run_dir, cfg, device=device, dtype=dtype)
-    return importlib.import_module(METHODS[cfg.method]).load_predictive(run_dir, cfg, device=device, dtype=dtype)
+    return registered_methods()[cfg.method].load_predictive(run_dir, cfg, device=device, dtype=dtype)

@@ -105,6 +105,8 @@ def train(cfg: TrainConfig) -> dict:
             log(f"warning: trained parameters differ across the {run.parallel.world_size} processes by up to {difference:.3g}")
         if not run.parallel.is_main:  # rank 0 alone evaluates and writes files
             return {}
+    run.model.eval()  # a guide completed from the data after SVI (the Laplace autoguide's covariance) does it now
+    run.guide.post_fit(batches(run.data, run.data.train, batch_size=cfg.eval_batch_size, device=run.device))
     save_adapter_and_guide(run.out, run.model, run.guide)
     timings = evaluate_after_training(cfg, run, metrics)
     write_run_end(cfg, run, metrics, {**timings, "train_seconds": train_seconds, "resumed_at_steps": resumed_at})

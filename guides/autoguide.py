@@ -1,5 +1,9 @@
 """Any ``pyro.infer.autoguide`` class over the LoRA-A sites: ``AutoGuideAdapter(model, AutoNormal, ...)``.
 
+:func:`adapter_for` picks the adapter of an autoguide class (``AutoLaplaceApproximation`` gets
+:class:`~blob_pyro.guides.laplace.LaplaceAdapter`, whose covariance comes from the real model's Hessian
+after training) and refuses the families that cannot work here, saying why (:data:`REFUSED_AUTOGUIDES`).
+
 The wrapped autoguide sees a *prior-only* model: the model's latent sites (:meth:`BayesianLoRAModel.draw_lora_factors`,
 so a random B or a latent site a user adds is covered too) with the deterministic adapters' sites hidden, so
 its prototype trace is built eagerly here (no batch needed: ``load_state_dict`` works before the first call
@@ -18,14 +22,42 @@ import inspect
 
 import torch
 from pyro import poutine
-from pyro.infer.autoguide import AutoDelta, AutoGuide, AutoNormal
+from pyro.infer.autoguide import AutoCallable, AutoDelta, AutoGaussian, AutoGuide, AutoGuideList, AutoNormal
 from pyro.infer.autoguide.initialization import init_to_feasible
 
 from blob_pyro.models.bayesian_model import kl_weight_handler
 
 from .base import LoRAGuide, init_to_lora
 
-__all__ = ["AutoGuideAdapter", "resolve_autoguide_class"]
+__all__ = ["AutoGuideAdapter", "resolve_autoguide_class", "adapter_for", "REFUSED_AUTOGUIDES"]
+
+#: Autoguide families that cannot cover the LoRA sites, with the reason given to the user.
+REFUSED_AUTOGUIDES: dict[type, str] = {
+    AutoGaussian: (
+        "AutoGaussian derives its sparse precision structure from the dependency graph of the model it is built on; "
+        "every LoRA factor feeds the same categorical likelihood, so that structure is one dense Gaussian over all of A "
+        "(D^2 numbers). Use pyro.infer.autoguide:AutoMultivariateNormal on a few sites (--bayesian-sites) or "
+        "pyro.infer.autoguide:AutoLowRankMultivariateNormal (--guide-rank)"
+    ),
+    AutoGuideList: ("AutoGuideList is a container that starts empty (it would cover no site, so A would be drawn from the "
+                    "prior); build one in Python with a part per site group and pass it to SVI"),
+    AutoCallable: "AutoCallable wraps a hand-written guide function; pass such a guide as a LoRAGuide subclass 'module:Class'",
+}
+
+
+def adapter_for(autoguide_class: type) -> type:
+    """The adapter class that wraps ``autoguide_class`` over the LoRA sites.
+
+    :raises ValueError: for a family in :data:`REFUSED_AUTOGUIDES` (the message says why and what to use).
+    """
+    from .laplace import LaplaceAdapter  # late: laplace.py subclasses AutoGuideAdapter
+
+    for refused, reason in REFUSED_AUTOGUIDES.items():
+        if issubclass(autoguide_class, refused):
+            raise ValueError(f"--guide {autoguide_class.__module__}:{autoguide_class.__name__} is not supported: {reason}")
+    if issubclass(autoguide_class, LaplaceAdapter.autoguide_family):
+        return LaplaceAdapter
+    return AutoGuideAdapter
 
 
 def resolve_autoguide_class(path: str) -> type:
@@ -42,6 +74,9 @@ def resolve_autoguide_class(path: str) -> type:
         raise ValueError(f"cannot import guide {path!r}: {err}") from None
     if not (isinstance(cls, type) and issubclass(cls, AutoGuide)):
         raise ValueError(f"guide {path!r} is {cls!r}, not a pyro.infer.autoguide.AutoGuide subclass")
+    if issubclass(cls, LoRAGuide):
+        raise ValueError(f"guide {path!r} is a LoRAGuide, which covers the model itself: build it directly "
+                         "(make_guide('module:Class', model)), not through AutoGuideAdapter")
     return cls
 
 
@@ -54,9 +89,22 @@ class AutoGuideAdapter(LoRAGuide):
     :param options: passed to the autoguide constructor (e.g. ``init_scale``, ``rank``).
     """
 
+    spread_parameter_names = frozenset({"scales", "scale", "cov_factor", "scale_tril"})  # Pyro's names
+
+    @classmethod
+    def config_fields_for(cls, autoguide_class: type) -> dict[str, str]:
+        """The run-config fields an autoguide class takes: ``init_scale`` (``--init-scale``) and ``rank``
+        (``--guide-rank``) where its constructor has them."""
+        accepted = inspect.signature(autoguide_class.__init__).parameters
+        return {key: field for key, field in {"init_scale": "init_scale", "rank": "guide_rank"}.items() if key in accepted}
+
     def __init__(self, model, autoguide_class, *, sites=None, init_loc_fn=init_to_lora, **options):
         if isinstance(autoguide_class, str):
             autoguide_class = resolve_autoguide_class(autoguide_class)
+        adapter = adapter_for(autoguide_class)  # raises for a refused family
+        if not isinstance(self, adapter):
+            raise ValueError(f"{autoguide_class.__name__} needs the adapter {adapter.__name__}; build it with "
+                             f"make_guide('{autoguide_class.__module__}:{autoguide_class.__name__}', model)")
         super().__init__(model, sites=sites, init_loc_fn=init_loc_fn)
         self.autoguide_class = autoguide_class
         self.point_estimate = issubclass(autoguide_class, AutoDelta)

@@ -15,7 +15,7 @@ mean and std), :meth:`~LoRAGuide.posterior_mean`.
 from __future__ import annotations
 
 from functools import reduce
-from typing import Callable, Optional
+from typing import Callable, ClassVar, Optional, Sequence
 
 import pyro
 import pyro.distributions as dist
@@ -66,6 +66,12 @@ class LoRAGuide(AutoGuide):
     provides_flipout_loc: bool = False
     point_estimate: bool = False
     random_B: Optional[bool] = False  # None: the family adapts to the model's sites (autoguides)
+    #: ``{constructor keyword: run-config field}`` the command line passes to this guide, e.g.
+    #: ``{"eps": "eps"}`` (``--eps``); ``--guide-kwargs`` adds or overrides keywords.
+    config_fields: ClassVar[dict[str, str]] = {}
+    #: Names (one component of a parameter's dotted name, ``_unconstrained`` suffix ignored) of the
+    #: parameters that set the posterior spread (``--scale-lr-factor``), e.g. ``{"std_roots"}``.
+    spread_parameter_names: ClassVar[frozenset[str]] = frozenset()
 
     def __init__(self, model: BayesianLoRAModel, *, sites: Optional[str] = None, init_loc_fn: InitLocFn = init_to_lora):
         if not isinstance(model, BayesianLoRAModel):
@@ -167,3 +173,15 @@ class LoRAGuide(AutoGuide):
 
     def median(self, *args, **kwargs) -> dict[str, torch.Tensor]:
         return self.posterior_mean()
+
+    def spread_parameters(self) -> list[torch.nn.Parameter]:
+        """The parameters (as stepped by the optimiser: unconstrained) that set the posterior spread: those
+        with a component of :attr:`spread_parameter_names` in their name. Empty for a point estimate."""
+        names = self.spread_parameter_names
+        return [p for name, p in self.named_parameters()
+                if any(part.removesuffix("_unconstrained") in names for part in name.split("."))]
+
+    def post_fit(self, batches: Sequence[dict]) -> None:
+        """Called once after training with the training set in ``batches`` (each example once; dicts with
+        ``input_ids``, ``attention_mask``, ``labels`` and head inputs): a family that is completed from the
+        data after the optimisation (a Laplace approximation) does it here. The default does nothing."""

@@ -22,10 +22,12 @@ from pyro.nn import PyroParam
 from blob_pyro.models.bayesian_model import FLIPOUT_LOC, kl_weight_handler
 
 from .base import LoRAGuide, deep_getattr, init_to_lora
+from .registry import register_guide
 
 __all__ = ["BLoBGuide"]
 
 
+@register_guide("blob", help="Bayesian A (mean-field Gaussian, std G^2), deterministic B (BLoB)")
 class BLoBGuide(LoRAGuide):
     """:param model: a :class:`~blob_pyro.models.BayesianLoRAModel`.
     :param eps: initial scale of G (G ~ U(eps / sqrt(2), eps)); 0.05 in the paper.
@@ -34,6 +36,8 @@ class BLoBGuide(LoRAGuide):
     """
 
     provides_flipout_loc = True
+    config_fields = {"eps": "eps"}
+    spread_parameter_names = frozenset({"std_roots"})
 
     def __init__(self, model, *, eps: float = 0.05, init_loc_fn=init_to_lora, sites=None):
         if not (isinstance(eps, (int, float)) and math.isfinite(eps) and eps > 0):

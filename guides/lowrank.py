@@ -11,11 +11,15 @@ from __future__ import annotations
 from pyro.infer.autoguide import AutoLowRankMultivariateNormal
 
 from .autoguide import AutoGuideAdapter
+from .registry import register_guide
 
 __all__ = ["LowRankGuide"]
 
 
+@register_guide("lowrank", help="AutoLowRankMultivariateNormal over A (rank --guide-rank)")
 class LowRankGuide(AutoGuideAdapter):
+    config_fields = {"init_scale": "init_scale", "rank": "guide_rank"}
+
     def __init__(self, model, *, rank: int = 8, init_scale: float = 0.0025, sites=None, **options):
         super().__init__(model, AutoLowRankMultivariateNormal, sites=sites, rank=int(rank), init_scale=float(init_scale), **options)
 

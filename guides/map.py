@@ -8,10 +8,12 @@ This is also the base run of the Laplace baseline (``blob_pyro.baselines.laplace
 from __future__ import annotations
 
 from .mle import MLEGuide
+from .registry import register_guide
 
 __all__ = ["MAPGuide"]
 
 
+@register_guide("map", help="point estimate of A with the prior")
 class MAPGuide(MLEGuide):
     """Point estimates of every LoRA-A, scored by the prior (``scores_prior = True``)."""
 

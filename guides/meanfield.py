@@ -16,6 +16,7 @@ import pyro.distributions as dist
 from blob_pyro.models.bayesian_model import kl_weight_handler
 
 from .blob import BLoBGuide
+from .registry import register_guide
 
 __all__ = ["MeanFieldGuide", "b_site"]
 
@@ -25,6 +26,7 @@ def b_site(a_site: str) -> str:
     return a_site[: -len("lora_A")] + "lora_B"
 
 
+@register_guide("meanfield", help="Bayesian A and B, mean-field Gaussian ('BBB')")
 class MeanFieldGuide(BLoBGuide):
     """:param eps: initial scale of G for A and B. :param sites: regex of the layers to make Bayesian."""
 

@@ -14,10 +14,12 @@ from pyro.nn import PyroParam
 from blob_pyro.models.bayesian_model import kl_weight_handler
 
 from .base import LoRAGuide, deep_getattr, init_to_lora
+from .registry import register_guide
 
 __all__ = ["MLEGuide"]
 
 
+@register_guide("mle", help="plain LoRA: point estimate of A, no prior")
 class MLEGuide(LoRAGuide):
     """Point estimates of every LoRA-A (initialised by ``init_loc_fn``); B is the model's parameter."""
 

@@ -10,11 +10,15 @@ from __future__ import annotations
 from pyro.infer.autoguide import AutoNormal
 
 from .autoguide import AutoGuideAdapter
+from .registry import register_guide
 
 __all__ = ["NormalGuide"]
 
 
+@register_guide("normal", help="AutoNormal over A (mean-field, softplus std)")
 class NormalGuide(AutoGuideAdapter):
+    config_fields = {"init_scale": "init_scale"}
+
     def __init__(self, model, *, init_scale: float = 0.0025, sites=None, **options):
         super().__init__(model, AutoNormal, sites=sites, init_scale=float(init_scale), **options)
 

@@ -30,8 +30,28 @@ from torch.distributions.kl import _dispatch_kl
 
 __all__ = [
     "Prior", "IIDPrior", "HierarchicalNormalPrior", "NormalPrior", "LaplacePrior", "StudentTPrior", "PRIORS",
-    "make_prior", "as_prior", "resolve_prior", "parity_support",
+    "make_prior", "as_prior", "resolve_prior", "parity_support", "register_prior", "PRIOR_HELP",
 ]
+
+#: Registered priors: ``name -> factory(scale=..., df=...)`` (``--prior NAME --prior-scale S --prior-df D``);
+#: filled by :func:`register_prior` where each factory is defined.
+PRIORS: dict[str, Callable[..., "Prior"]] = {}
+#: ``name -> description`` (the ``--prior`` help).
+PRIOR_HELP: dict[str, str] = {}
+
+
+def register_prior(name: str, *, help: str):
+    """Decorator: register a prior factory (a function or a :class:`Prior` class) as ``--prior name``. The
+    command line passes ``--prior-scale`` as ``scale`` and ``--prior-df`` as ``df`` where it takes them."""
+
+    def register(factory):
+        if PRIORS.get(name, factory) is not factory:
+            raise ValueError(f"prior name {name!r} is taken by {PRIORS[name].__qualname__}; choose another name")
+        PRIORS[name] = factory
+        PRIOR_HELP[name] = help
+        return factory
+
+    return register
 
 
 class Prior:
@@ -133,6 +153,7 @@ def _plain(arguments: dict) -> dict:
     return {k: float(v) if v.numel() == 1 else v.tolist() for k, v in arguments.items()}
 
 
+@register_prior("hierarchical", help="normal whose scale is learned by empirical Bayes, starting at --prior-scale")
 @dataclass
 class HierarchicalNormalPrior(Prior):
     """``N(0, s^2)`` with the scale ``s`` learned by empirical Bayes (type-II maximum likelihood).
@@ -168,32 +189,26 @@ def _check_positive(name: str, value: float) -> None:
         raise ValueError(f"prior {name} must be a finite positive number, got {value!r}")
 
 
+@register_prior("normal", help="N(0, --prior-scale^2), BLoB's")
 def NormalPrior(scale: float = 0.2) -> IIDPrior:
     """Isotropic Gaussian ``N(0, scale^2)``; BLoB's prior with ``scale = 0.2`` (Wang et al. 2024, section 3.1)."""
     _check_positive("scale", scale)
     return IIDPrior(dist.Normal, loc=0.0, scale=scale)
 
 
+@register_prior("laplace", help="Laplace(0, --prior-scale)")
 def LaplacePrior(scale: float = 0.2) -> IIDPrior:
     """Element-wise ``Laplace(0, scale)``: a sparsity-inducing prior."""
     _check_positive("scale", scale)
     return IIDPrior(dist.Laplace, loc=0.0, scale=scale)
 
 
+@register_prior("student_t", help="Student-t(--prior-df, 0, --prior-scale)")
 def StudentTPrior(scale: float = 0.2, df: float = 3.0) -> IIDPrior:
     """Element-wise ``Student-t(df, 0, scale)``: heavy tails, no closed-form KL against a Gaussian."""
     _check_positive("scale", scale)
     _check_positive("df", df)
     return IIDPrior(dist.StudentT, df=df, loc=0.0, scale=scale)
-
-
-#: Registered priors: ``name -> factory(scale=..., df=...)`` (``--prior NAME --prior-scale S --prior-df D``).
-PRIORS: dict[str, Callable[..., Prior]] = {
-    "normal": NormalPrior,
-    "laplace": LaplacePrior,
-    "student_t": StudentTPrior,
-    "hierarchical": HierarchicalNormalPrior,
-}
 
 
 def make_prior(name: str, **options) -> Prior:
@@ -244,7 +259,10 @@ def resolve_prior(spec: str, *, kwargs: Optional[dict] = None, scale: float = 0.
         if kwargs:
             raise ValueError(f"--prior-kwargs is for an import-path prior; the registered prior {spec!r} takes --prior-scale "
                              "(and --prior-df for student_t)")
-        options = {"scale": scale, **({"df": df} if spec == "student_t" else {})}
+        if spec not in PRIORS:
+            return make_prior(spec)  # raises, listing the names
+        accepted = inspect.signature(PRIORS[spec]).parameters
+        options = {key: value for key, value in {"scale": scale, "df": df}.items() if key in accepted}
         return make_prior(spec, **options)
     factory = _import(spec)
     if isinstance(factory, type) and issubclass(factory, torch.distributions.Distribution):

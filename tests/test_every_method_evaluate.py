@@ -142,9 +142,10 @@ def test_every_registered_method_has_a_predictive_and_is_tested_here():
     """A baseline added to the registry without ``load_predictive`` (or without a case above) fails here."""
     import importlib
 
-    from blob_pyro.baselines import METHODS as REGISTERED
+    from blob_pyro.baselines import registered_methods
 
+    REGISTERED = registered_methods()
     tested = {flags[flags.index("--method") + 1] for flags, _ in METHODS.values()}
     assert tested == set(REGISTERED), f"methods without an evaluate test: {sorted(set(REGISTERED) - tested)}"
-    for name, module in REGISTERED.items():
-        assert callable(getattr(importlib.import_module(module), "load_predictive", None)), f"{name} has no load_predictive"
+    for name, method in REGISTERED.items():
+        assert callable(getattr(importlib.import_module(method.module), "load_predictive", None)), f"{name} has no load_predictive"

@@ -100,7 +100,7 @@ def test_hierarchical_scale_is_trained_by_the_full_model():
 
 
 def test_registry_and_cli():
-    assert sorted(PRIORS) == ["hierarchical", "laplace", "normal", "student_t"]
+    assert {"hierarchical", "laplace", "normal", "student_t"} <= set(PRIORS)  # the built-ins; more may register
     assert isinstance(make_prior("hierarchical", scale=0.1), HierarchicalNormalPrior)
     with pytest.raises(ValueError, match=r"unknown prior 'horseshoe'; valid names: \['hierarchical'"):
         make_prior("horseshoe")

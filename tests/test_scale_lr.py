@@ -7,37 +7,46 @@ import torch
 from blob_pyro.config import TrainConfig
 from blob_pyro.guides import BLoBGuide, make_guide
 from blob_pyro.objectives import ELBOObjective, KLWeighting
-from blob_pyro.optim import is_scale_parameter
+from blob_pyro.optim import spread_parameter_test
 from tests.helpers import synthetic_batch, tiny_bayesian_llama
-from tests.test_guides_registry import TESTED_GUIDES, model_for, tiny_batch, tiny_model
+from tests.test_guides_registry import AUTOGUIDE_PATHS, TESTED_GUIDES, model_for, tiny_batch, tiny_model
 
-SPREAD_GUIDES = ["blob", "meanfield", "normal", "lowrank",
-                 "pyro.infer.autoguide:AutoDiagonalNormal", "pyro.infer.autoguide:AutoMultivariateNormal"]
+EXAMPLE_GUIDE = "examples.softplus_guide:SoftplusNormalGuide"
 
 
-@pytest.mark.parametrize("name", TESTED_GUIDES + SPREAD_GUIDES[4:])
-def test_spread_parameters_are_recognised_in_every_guide(name):
+@pytest.mark.parametrize("name", TESTED_GUIDES + AUTOGUIDE_PATHS + ["pyro.infer.autoguide:AutoMultivariateNormal", EXAMPLE_GUIDE])
+def test_spread_parameters_are_declared_by_every_guide(name):
+    """Distributional families (Gaussian with a learned spread) declare spread parameters, point estimates
+    (and the Laplace autoguide, a MAP point during SVI) none; no mean is ever one."""
     model = model_for(name)
     guide = make_guide(name, model)
     batch = tiny_batch()
     guide(batch["input_ids"], batch["attention_mask"], batch["labels"], batch["indices"], num_data=4, kl_weight=1.0)
+    is_spread = spread_parameter_test(guide)
     names = list(pyro.get_param_store().keys())
-    spread = [n for n in names if is_scale_parameter(n)]
-    if name in SPREAD_GUIDES:
+    spread = [n for n in names if is_spread(n)]
+    learns_a_spread = not guide.point_estimate and "Laplace" not in name
+    if learns_a_spread:
         assert spread, f"{name}: no spread parameter among {names}"
         assert len(spread) < len(names), f"{name}: every parameter classified as a spread: {names}"
         assert not any("loc" in n.split(".")[-1] for n in spread), spread
     else:
-        assert spread == [], f"{name} is a point estimate, yet {spread} were classified as spreads"
+        assert spread == [], f"{name} learns no spread by SVI, yet {spread} were classified as spreads"
 
 
 def test_the_hierarchical_prior_scale_is_a_model_parameter_not_a_spread():
     from blob_pyro.models.priors import HierarchicalNormalPrior
 
-    assert HierarchicalNormalPrior(0.2).param_name == "prior.scale"
-    assert not is_scale_parameter("prior.scale")
-    assert is_scale_parameter("std_roots.model.layers.0.self_attn.q_proj.lora_A")
-    assert not is_scale_parameter("locs.model.layers.0.self_attn.q_proj.lora_A")
+    model = tiny_model()
+    for layer in model.adapters.values():
+        layer.prior = HierarchicalNormalPrior(0.2)
+    guide = BLoBGuide(model)
+    model.draw_lora_factors()  # creates prior.scale in the store
+    guide()
+    is_spread = spread_parameter_test(guide)
+    assert "prior.scale" in pyro.get_param_store() and not is_spread("prior.scale")
+    assert is_spread("BLoBGuide.std_roots.model.layers.0.self_attn.q_proj.lora_A")
+    assert not is_spread("BLoBGuide.locs.model.layers.0.self_attn.q_proj.lora_A")
 
 
 @pytest.mark.parametrize("factor", [1.0, 10.0])

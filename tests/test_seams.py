@@ -15,14 +15,14 @@ import torch
 from pyro import poutine
 from pyro.infer import SVI, Trace_ELBO, TraceMeanField_ELBO
 
-from blob_pyro.config import TrainConfig
+from blob_pyro.config import TrainConfig, config_parser, field_choices, field_help
 from blob_pyro.guides import GUIDES, make_guide
 from blob_pyro.models import (
     PRIORS, BayesianLoRAModel, AnswerTokenHead, HierarchicalNormalPrior, IIDPrior, StudentTPrior, bayesianize, resolve_prior,
 )
 from blob_pyro.objectives import ELBOObjective, KLWeighting, ParityObjective
 from tests.helpers import synthetic_batch, tiny_bayesian_llama, tiny_llama
-from tests.test_guides_registry import GAUSSIAN_GUIDES, TESTED_GUIDES
+from tests.test_guides_registry import GAUSSIAN_GUIDES, TESTED_GUIDES, wide_start
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -88,22 +88,47 @@ def test_parity_states_its_priors_before_training():
 
 def test_every_registered_prior_is_a_cli_choice_and_builds():
     """Meta-test: the prior registry is what --prior accepts and documents (a new entry needs no other edit)."""
-    help_text = TrainConfig.__dataclass_fields__["prior"].metadata["help"]
+    help_text = field_help(TrainConfig.__dataclass_fields__["prior"])
     for name in PRIORS:
         assert re.search(rf"\b{name}\b", help_text), f"--prior help does not mention the registered prior {name!r}"
         prior = TrainConfig(prior=name).build_prior()
         assert prior.site_distribution(torch.zeros(2, 3)).event_shape == (2, 3)
 
 
-def test_every_registered_guide_is_a_cli_choice():
-    """Meta-test: the guide registry is what --guide accepts and documents."""
-    help_text = TrainConfig.__dataclass_fields__["guide"].metadata["help"]
+def test_every_registered_guide_is_a_cli_choice_and_a_compare_method():
+    """Meta-test: the guide registry is what --guide accepts and documents, what compare runs, and what the
+    guide tests are parametrised over."""
+    from blob_pyro.compare import method_flags
+
+    help_text = config_parser(TrainConfig, prog="train").format_help()
     assert sorted(GUIDES) == sorted(TESTED_GUIDES)
     for name in GUIDES:
-        assert re.search(rf"\b{name}\b", help_text), f"--guide help does not mention the registered guide {name!r}"
+        assert re.search(rf"\b{name}\b", field_help(TrainConfig.__dataclass_fields__["guide"])), name
+        assert re.search(rf"\b{name}:", help_text.replace("\n", " ")), f"--guide help does not describe {name!r}"
         TrainConfig(guide=name)
+        assert method_flags(name) == ["--guide", name]
     with pytest.raises(ValueError, match="unknown guide 'bbb'"):
         TrainConfig(guide="bbb")
+
+
+def test_every_registered_baseline_is_a_cli_choice_and_its_compare_methods_run():
+    """Meta-test: the baseline registry is --method's choices and help, and compare's method table: each
+    compare method's flags are a valid train config, and its base method is itself a compare method."""
+    from blob_pyro.baselines import registered_methods
+    from blob_pyro.compare import BASE_METHOD, METHOD_FLAGS, method_flags
+
+    method_field = TrainConfig.__dataclass_fields__["method"]
+    assert set(field_choices(method_field)) == {"svi", *registered_methods()}
+    for name, method in registered_methods().items():
+        assert f"{name}: {method.help}" in field_help(method_field)
+        for alias, extra in method.compare.items():
+            assert METHOD_FLAGS[alias] == ["--method", name, *extra] == method_flags(alias)
+            cfg = TrainConfig.from_argv([*METHOD_FLAGS[alias], "--num-calibration", "8"])
+            assert cfg.method == name
+            assert BASE_METHOD.get(alias) == method.base_method
+            if method.base_method is not None:
+                method_flags(method.base_method)  # a registered guide or compare method
+    assert set(METHOD_FLAGS) >= {alias for method in registered_methods().values() for alias in method.compare}
 
 
 def test_hierarchical_prior_recovers_a_known_scale():
@@ -133,7 +158,7 @@ def test_guide_fitted_with_no_data_recovers_the_prior(name):
     pyro.set_rng_seed(0)
     random_B = GUIDES[name].random_B is True
     model = _model(IIDPrior(dist.Normal, loc=0.0, scale=0.2), random_B=random_B)
-    options = {"init_scale": 0.05} if name in ("normal", "lowrank") else {"eps": 0.2}
+    options = wide_start(name)
     guide = make_guide(name, model, **options)
     elbo = TraceMeanField_ELBO(num_particles=8, vectorize_particles=False)
     svi = SVI(lambda: model.draw_lora_factors(1.0), guide, pyro.optim.Adam({"lr": 0.03}), elbo)

@@ -7,6 +7,11 @@ config. Each module also implements ``load_predictive(run_dir, cfg, *, device, d
 :class:`blob_pyro.run_predictive.RunPredictive` (draws ``(S, n, K)``, point estimate, its prediction modes),
 through which ``python -m blob_pyro.evaluate`` and ``--eval-tasks`` analyse every method alike.
 
+A baseline is one file in this package whose ``run(cfg) -> metrics`` is decorated with
+:func:`register_method` (its name, its ``--method`` help, how ``blob_pyro.compare`` runs it and which run it
+builds on); every module here is imported when the registry is first read (:func:`registered_methods`), so
+``--method`` choices, its help and compare's method list need no other edit. The registered ones:
+
 * ``mc_dropout``: LoRA dropout kept on at test time, ``--eval-samples`` passes (Gal & Ghahramani 2016).
 * ``ensemble``: ``--ensemble-size`` independently seeded runs, probabilities averaged (Lakshminarayanan 2017).
 * ``laplace``: post-hoc Laplace (diagonal or KFAC) over the LoRA parameters of a MAP/MLE run (Yang et al. 2024).
@@ -18,22 +23,83 @@ through which ``python -m blob_pyro.evaluate`` and ``--eval-tasks`` analyse ever
 from __future__ import annotations
 
 import importlib
+import pkgutil
+from dataclasses import dataclass, field
+from typing import Callable, Optional
 
-__all__ = ["METHODS", "run_method"]
+__all__ = ["METHODS", "METHOD_HELP", "Method", "register_method", "registered_methods", "run_method"]
 
-METHODS = {
-    "mc_dropout": "blob_pyro.baselines.mc_dropout",
-    "ensemble": "blob_pyro.baselines.ensemble",
-    "laplace": "blob_pyro.baselines.laplace",
-    "tfb": "blob_pyro.baselines.tfb",
-    "temperature": "blob_pyro.baselines.temperature",
-}
+
+@dataclass(frozen=True)
+class Method:
+    """A registered baseline: ``run(cfg) -> metrics`` and how ``compare`` runs it.
+
+    ``compare``: ``{compare method name: extra train flags}`` (each becomes ``--method <name> <flags>``);
+    ``base_method``: the compare method whose run of the same seed it reuses as ``--base-run`` (or None).
+    """
+
+    name: str
+    run: Callable
+    help: str
+    compare: dict = field(default_factory=dict)
+    base_method: Optional[str] = None
+
+    @property
+    def module(self) -> str:
+        """The module that defines the method (its ``run`` and ``load_predictive``)."""
+        return self.run.__module__
+
+    @property
+    def load_predictive(self) -> Callable:
+        """The module's ``load_predictive(run_dir, cfg, *, device, dtype)`` (a finished run's RunPredictive)."""
+        try:
+            return getattr(importlib.import_module(self.module), "load_predictive")
+        except AttributeError:
+            raise NotImplementedError(f"baseline {self.name!r} ({self.module}) defines no load_predictive(run_dir, cfg, *, "
+                                      "device, dtype)") from None
+
+
+#: ``name -> Method``; filled by :func:`register_method` (read it through :func:`registered_methods`).
+METHODS: dict[str, Method] = {}
+#: ``name -> description`` (the ``--method`` help).
+METHOD_HELP: dict[str, str] = {}
+_discovered = False
+
+
+def register_method(name: str, *, help: str, compare: Optional[dict] = None, base_method: Optional[str] = None):
+    """Decorator of a baseline's ``run(cfg) -> metrics``: register it as ``--method name``.
+
+    :param help: what the method does and what it needs, in a sentence (the ``--method`` help).
+    :param compare: ``{compare method name: extra train flags}`` (default ``{name: []}``), e.g.
+        ``{"tfb": ["--guide", "mle"]}``.
+    :param base_method: the compare method whose finished run (same seed) this one reuses as ``--base-run``.
+    """
+
+    def register(run: Callable) -> Callable:
+        if name in METHODS and METHODS[name].run is not run:
+            raise ValueError(f"baseline method name {name!r} is taken by {METHODS[name].run.__module__}; choose another name")
+        METHODS[name] = Method(name, run, help, dict(compare if compare is not None else {name: []}), base_method)
+        METHOD_HELP[name] = help
+        return run
+
+    return register
+
+
+def registered_methods() -> dict[str, Method]:
+    """Every registered baseline, after importing each module of this package once."""
+    global _discovered
+    if not _discovered:
+        _discovered = True
+        for module in pkgutil.iter_modules(__path__):
+            importlib.import_module(f"{__name__}.{module.name}")
+    return METHODS
 
 
 def run_method(cfg) -> dict:
     """Run the baseline ``cfg.method``; returns its metrics."""
+    methods = registered_methods()
     try:
-        module = METHODS[cfg.method]
+        method = methods[cfg.method]
     except KeyError:
-        raise ValueError(f"unknown baseline method {cfg.method!r}; valid names: {sorted(METHODS)}") from None
-    return importlib.import_module(module).run(cfg)
+        raise ValueError(f"unknown baseline method {cfg.method!r}; valid names: {sorted(methods)}") from None
+    return method.run(cfg)

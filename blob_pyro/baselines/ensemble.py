@@ -16,6 +16,7 @@ from blob_pyro.evaluation.metrics import classification_metrics
 
 from blob_pyro.rundir import load_predictions, read_metrics
 
+from . import register_method
 from .common import primary_mode, train_base_run, write_baseline_run
 
 __all__ = ["average_probabilities", "EnsemblePredictive", "load_predictive", "run"]
@@ -37,6 +38,8 @@ def average_probabilities(member_probs) -> np.ndarray:
     return stacked.mean(0)
 
 
+@register_method("ensemble", help="--ensemble-size runs of --guide with seeds seed, seed+1000, ...; probabilities averaged",
+                 compare={"ensemble": ["--guide", "mle"]}, base_method="mle")
 def run(cfg) -> dict:
     start = time.perf_counter()
     members, member_metrics = [], []

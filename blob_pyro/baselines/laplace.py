@@ -41,6 +41,7 @@ from blob_pyro.run_predictive import RunPredictive
 from blob_pyro.guides.fixed import FixedGaussianGuide
 from blob_pyro.rundir import read_metrics
 
+from . import register_method
 from .common import load_run, train_base_run, write_baseline_run
 from .kfac import KroneckerGaussianGuide, KroneckerPosterior, kfac_curvature
 
@@ -234,6 +235,12 @@ def probit_moments(fit: LaplaceFit, model, batches) -> tuple[torch.Tensor, torch
     return torch.stack(mus), torch.stack(variances)
 
 
+@register_method(
+    "laplace", help="post-hoc Laplace over the LoRA parameters of a --guide map/mle run",
+    compare={"laplace": ["--guide", "map"],  # Laplace-LoRA as the paper runs it: KFAC GGN, linearised (probit) predictive
+             "laplace_kfac": ["--guide", "map", "--laplace-hessian", "kfac", "--laplace-predictive", "probit"]},
+    base_method="map",
+)
 def run(cfg) -> dict:
     start = time.perf_counter()
     base = train_base_run(cfg, "base")

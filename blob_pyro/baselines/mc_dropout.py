@@ -18,6 +18,7 @@ from blob_pyro.guides.fixed import PosteriorMeanGuide
 
 from blob_pyro.rundir import read_metrics
 
+from . import register_method
 from .common import load_run, train_base_run, write_baseline_run
 
 __all__ = ["dropout_on", "mc_dropout_probs", "load_predictive", "run"]
@@ -59,6 +60,8 @@ def load_predictive(run_dir, cfg, *, device=None, dtype=None):
     )
 
 
+@register_method("mc_dropout", help="LoRA dropout kept on at test, --eval-samples passes; needs --lora-dropout > 0",
+                 compare={"mc_dropout": ["--guide", "mle", "--lora-dropout", "0.1"]})
 def run(cfg) -> dict:
     start = time.perf_counter()
     base = train_base_run(cfg, "base")

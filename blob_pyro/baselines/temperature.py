@@ -32,6 +32,7 @@ from blob_pyro.evaluation.metrics import classification_metrics
 
 from blob_pyro.rundir import read_metrics
 
+from . import register_method
 from .common import load_run, train_base_run, write_baseline_run
 
 __all__ = [
@@ -126,6 +127,8 @@ def temperature_of_run(run_dir) -> Optional[tuple[Path, float]]:
     return run_dir / info["base_run"], float(info["temperature"])
 
 
+@register_method("temperature", help="post-hoc temperature scaling of the posterior-mean logits of any run, one T fitted by "
+                 "NLL on its --num-calibration examples", compare={"temperature": ["--guide", "mle"]}, base_method="mle")
 def run(cfg) -> dict:
     start = time.perf_counter()
     if cfg.base_run:

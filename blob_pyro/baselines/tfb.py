@@ -23,6 +23,7 @@ from blob_pyro.evaluation.predictive import posterior_mean_probs, sample_probs
 from blob_pyro.guides.fixed import FixedGaussianGuide
 from blob_pyro.rundir import read_metrics
 
+from . import register_method
 from .common import load_run, train_base_run, write_baseline_run
 
 __all__ = ["largest_admissible_std", "scaled", "tfb_posterior", "load_predictive", "run"]
@@ -78,6 +79,8 @@ def tfb_posterior(model, guide, sigma: float) -> tuple[dict, dict]:
     return locs, scales
 
 
+@register_method("tfb", help="training-free Bayesianization of a --guide map/mle run", compare={"tfb": ["--guide", "mle"]},
+                 base_method="mle")
 def run(cfg) -> dict:
     start = time.perf_counter()
     base = train_base_run(cfg, "base")

@@ -43,8 +43,11 @@ def test_sweep_runs_one_compare_per_length_and_resumes(tmp_path, monkeypatch):
     monkeypatch.setattr(compare, "run_training", fake_training(calls))
     split = tmp_path / "split.json"
     split.write_text(json.dumps({"train": list(range(40)), "validation": [40, 41], "procedure": "test", "seed": 0}))
+    model = tmp_path / "model"  # passes compare's model check (no SmolLM2 package needed): nothing is loaded
+    model.mkdir()
+    (model / "config.json").write_text("{}")
     argv = ["--epochs", "1,3", "--methods", "mle,blob", "--seeds", "1,2", "--output-dir", str(tmp_path / "sweep"),
-            "--split-file", str(split), "--batch-size", "16"]
+            "--split-file", str(split), "--batch-size", "16", "--model", str(model)]
     rows = sweep.main(argv)
     assert len(calls) == 2 * 2 * 2
     steps = sorted({int(c[c.index("--max-steps") + 1]) for c in calls})

@@ -233,6 +233,12 @@ def zero_shot_row(output_dir: Path, methods: Sequence[str], seeds: Sequence[int]
     return _row("zero-shot (B = 0)", "mean", entries, float("nan")) if entries else None
 
 
+def _is_baseline(method: str) -> bool:
+    """A ``--method`` baseline (its ``mean`` mode is not a posterior mean of one SVI run); guides, autoguides
+    and recipe methods such as ``blob_official`` are SVI runs."""
+    return "--method" in METHOD_FLAGS.get(method, [])
+
+
 def summarise(output_dir: Path, methods: Sequence[str], seeds: Sequence[int], *, finished_only: bool = False) -> list[dict]:
     """One row per method (and per method's N = 0 pass): mean and std over seeds of every metric; first a
     zero-shot row when the runs evaluated the base model. ``finished_only``: summarise the seeds that have
@@ -246,7 +252,7 @@ def summarise(output_dir: Path, methods: Sequence[str], seeds: Sequence[int], *,
             metrics = json.loads((path / "metrics.json").read_text())
             primary = primary_mode(metrics)
             per_mode.setdefault(f"{method}", []).append({**metrics[primary], "mode": primary})
-            if primary != "mean" and "mean" in metrics and method not in METHOD_FLAGS:
+            if primary != "mean" and "mean" in metrics and not _is_baseline(method):
                 per_mode.setdefault(f"{method} (N = 0)", []).append({**metrics["mean"], "mode": "mean"})
             info = path / "run.json"
             if info.exists():

@@ -301,3 +301,14 @@ def test_compare_runs_base_methods_first_and_points_baselines_at_them(tmp_path, 
     compare.run_one(tmp_path, "laplace_kfac", 3, [], methods=["map", "laplace_kfac"])
     assert calls[2][-2:] == ["--base-run", str(compare.run_dir(tmp_path, "map", 3))]
     assert calls[2][calls[2].index("--laplace-hessian") + 1] == "kfac" and calls[2][calls[2].index("--laplace-predictive") + 1] == "probit"
+
+
+def test_summarise_gives_recipe_methods_an_n0_row_and_baselines_none(tmp_path):
+    """blob_official is an SVI run (its 'mean' is the posterior mean); a --method baseline's 'mean' is not."""
+    from blob_pyro import compare
+
+    probs = np.array([[0.9, 0.1], [0.2, 0.8], [0.7, 0.3], [0.4, 0.6]])
+    _fake_run(compare.run_dir(tmp_path, "blob_official", 1), probs, "samples_10")
+    _fake_run(compare.run_dir(tmp_path, "mc_dropout", 1), probs, "samples_10")
+    names = [r["method"] for r in compare.summarise(tmp_path, ["blob_official", "mc_dropout"], [1])]
+    assert names == ["zero-shot (B = 0)", "blob_official", "blob_official (N = 0)", "mc_dropout"]

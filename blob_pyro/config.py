@@ -272,29 +272,15 @@ class TrainConfig:
 
         options = {key: getattr(self, name) for key, name in guide_config_fields(self.guide).items()}
         if self.guide_kwargs:
-            try:
-                extra = json.loads(self.guide_kwargs)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"--guide-kwargs must be a JSON object such as '{{\"rank\": 4}}', got {self.guide_kwargs!r} ({err})") from None
-            if not isinstance(extra, dict):
-                raise ValueError(f"--guide-kwargs must be a JSON object such as '{{\"rank\": 4}}', got {self.guide_kwargs!r}")
-            options.update(extra)
+            options.update(_json_object("--guide-kwargs", self.guide_kwargs, example='{"rank": 4}'))
         return options
 
     def build_prior(self):
         """The prior named by ``--prior`` (with ``--prior-scale``/``--prior-df`` or ``--prior-kwargs``)."""
-        import json
 
         from blob_pyro.models.priors import resolve_prior
 
-        kwargs = None
-        if self.prior_kwargs:
-            try:
-                kwargs = json.loads(self.prior_kwargs)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"--prior-kwargs must be a JSON object such as '{{\"scale\": 0.2}}', got {self.prior_kwargs!r} ({err})") from None
-            if not isinstance(kwargs, dict):
-                raise ValueError(f"--prior-kwargs must be a JSON object such as '{{\"scale\": 0.2}}', got {self.prior_kwargs!r}")
+        kwargs = _json_object("--prior-kwargs", self.prior_kwargs, example='{"scale": 0.2}') if self.prior_kwargs else None
         return resolve_prior(self.prior, kwargs=kwargs, scale=self.prior_scale, df=self.prior_df)
 
     def _check_init_from_peft(self) -> None:
@@ -382,6 +368,17 @@ class TrainConfig:
             return cls(**args)
         except ValueError as err:
             raise SystemExit(f"{prog}: error: {err}") from None
+
+
+def _json_object(flag: str, text: str, *, example: str) -> dict:
+    """``text`` parsed as a JSON object, or a ValueError naming ``flag`` with an example of what it expects."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{flag} must be a JSON object such as '{example}', got {text!r} ({err})") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{flag} must be a JSON object such as '{example}', got {text!r}")
+    return value
 
 
 def _flag(name: str) -> str:

@@ -10,9 +10,11 @@ sweep; several sweeps with disjoint ``--methods`` or ``--seeds`` may run side by
 Outputs in ``<output-dir>``: ``sweep.csv`` / ``sweep.md`` (one row per method, prediction mode and E: mean and
 std over the finished seeds of ACC %, ECE % (15 bins), NLL, Brier; for BLoB-guide runs the posterior's std of A
 (min / median / max over all entries) and the median over layers of the noise / mean weight-update ratio
-of :func:`blob_pyro.evaluation.weight_space.update_spread`; the mean training wall time) and ``sweep.png``: ACC, ECE and NLL
-against epochs, one line per method (dashed: a sampling method's posterior-mean pass, N = 0), the band
-spanning the seeds' min to max.
+of :func:`blob_pyro.evaluation.weight_space.update_spread`; the mean |A| of the point estimate or posterior
+mean, the training NLL at the end of training and the last KL per training example (:func:`training_summary`);
+the mean training wall time) and ``sweep.png``: ACC, ECE and NLL against epochs, one line per method (dashed: a
+sampling method's posterior-mean pass, N = 0), the band spanning the seeds' min to max; then the training NLL
+and the median std of A against epochs.
 """
 
 from __future__ import annotations
@@ -34,6 +36,10 @@ from blob_pyro.config import TrainConfig
 __all__ = ["main", "steps_for_epochs", "training_set_size", "collect", "plot_sweep", "posterior_summary"]
 
 PANELS = [("acc", "ACC %"), ("ece", "ECE % (15 bins)"), ("nll", "NLL")]
+# Training-side panels, drawn from the first finished seed's files (log y axis): where the validation NLL
+# parts from the training NLL (over-fitting) and how the posterior's spread grows with training length.
+TRAINING_PANELS = [("train_nll_end", "train NLL (last 10 % of steps)"), ("std_median", "std of A (median entry)")]
+TRAIN_TAIL = 0.1  # share of the logged steps averaged for train_nll_end
 
 
 def training_set_size(cfg: TrainConfig) -> int:
@@ -80,6 +86,7 @@ def collect(output_dir: Path, epochs: Sequence[float], methods: Sequence[str], s
                     row[f"{key}_values"] = [m[key] * factor for m in per_seed]
                 first = compare.run_dir(folder, method, compare.finished_seeds(folder, method, seeds)[0])
                 row.update(posterior_summary(first) or {})
+                row.update(training_summary(first))
             rows.append(row)
     return rows
 
@@ -114,54 +121,93 @@ def posterior_summary(run_dir: Path) -> Optional[dict]:
             "noise_to_mean_median": ratios[len(ratios) // 2]}
 
 
+def training_summary(run_dir: Path) -> dict:
+    """What the training did, read from a finished run's files: ``train_nll_end``, the mean logged batch NLL
+    over the last :data:`TRAIN_TAIL` of the logged steps (at least the last entry; compare with the
+    validation NLL to see over-fitting), ``kl_per_example_end``, the last logged KL divided by the number of
+    training examples (the size of the prior term of the per-example ELBO next to the NLL), and
+    ``mean_abs_A``, the mean |A| of the point estimate or of the posterior mean M over every entry. A key is
+    left out when the run has no such record (e.g. no KL for MLE, no ``guide.safetensors`` for a post-hoc run)."""
+    from safetensors.torch import load_file
+
+    run_dir, out = Path(run_dir), {}
+    log_file = run_dir / "train_log.jsonl"
+    entries = [json.loads(line) for line in log_file.read_text().splitlines() if line.strip()] if log_file.is_file() else []
+    nlls = [e["nll"] for e in entries if e.get("nll") is not None]
+    if nlls:
+        tail = nlls[-max(1, math.ceil(TRAIN_TAIL * len(nlls))):]
+        out["train_nll_end"] = sum(tail) / len(tail)
+    kls = [e["kl"] for e in entries if e.get("kl") is not None]
+    if kls and (run_dir / "split.json").is_file():
+        num_train = len(json.loads((run_dir / "split.json").read_text())["train"])
+        out["kl_per_example_end"] = kls[-1] / num_train
+    if (run_dir / "guide.safetensors").is_file():
+        a = [v.double().abs().flatten() for k, v in load_file(run_dir / "guide.safetensors").items()
+             if k.startswith(("locs.", "values.")) and k.removesuffix("_unconstrained").endswith(".lora_A")]
+        if a:
+            out["mean_abs_A"] = float(torch.cat(a).mean())
+    return out
+
+
 def write_sweep_tables(output_dir: Path, rows: list[dict], *, header: str = "") -> str:
     """``sweep.csv`` and ``sweep.md``; returns the Markdown."""
-    keys = [k for k in rows[0] if not k.endswith("_values")]
+    keys = [k for k in dict.fromkeys(k for r in rows for k in r) if not k.endswith("_values")]
     with open(Path(output_dir) / "sweep.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
     lines = [header, ""] if header else []
     lines += ["| epochs | method | mode | seeds | n | " + " | ".join(label for _, label, _ in compare.METRICS)
-              + " | std of A min / median / max (first seed) | noise / mean update (median layer) | wall s (all seeds) |",
-              "|---|---|---|---|---|" + "---|" * len(compare.METRICS) + "---|---|---|"]
+              + " | std of A min / median / max (first seed) | noise / mean update (median layer) | mean abs A"
+              " | train NLL (last 10 %) | KL / n_train (last) | wall s (all seeds) |",
+              "|---|---|---|---|---|" + "---|" * len(compare.METRICS) + "---|---|---|---|---|---|"]
     for r in rows:
         cells = [compare._fmt(r[f"{k}_mean"], r[f"{k}_std"], 2 if k in ("acc", "ece") else 3) for k, _, _ in compare.METRICS]
         std = f"{r['std_min']:.4f} / {r['std_median']:.4f} / {r['std_max']:.4f}" if "std_min" in r else ""
         ratio = f"{r['noise_to_mean_median']:.2f}" if "noise_to_mean_median" in r else ""
         wall = f"{r['wall_seconds']:.0f}" if math.isfinite(r.get("wall_seconds", float("nan"))) else ""
+        extra = [f"{r[k]:.4g}" if k in r else "" for k in ("mean_abs_A", "train_nll_end", "kl_per_example_end")]
         lines.append(f"| {r['epochs']:g} | {r['method']} | {r['mode']} | {r['seeds']} | {r['n']} | " + " | ".join(cells)
-                     + f" | {std} | {ratio} | {wall} |")
+                     + f" | {std} | {ratio} | " + " | ".join(extra) + f" | {wall} |")
     text = "\n".join(lines) + "\n"
     (Path(output_dir) / "sweep.md").write_text(text)
     return text
 
 
 def plot_sweep(output_dir: Path, rows: list[dict], *, title: str = "") -> Path:
-    """``sweep.png``: one panel per metric of :data:`PANELS` against epochs (log axis), one line per method."""
+    """``sweep.png``: one panel per metric of :data:`PANELS` against epochs (log axis), one line per method,
+    then the :data:`TRAINING_PANELS` (log y) for the methods whose runs record them (N = 0 rows left out:
+    they share their run's training)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     names = list(dict.fromkeys(r["method"] for r in rows if not r["method"].startswith("zero-shot")))
-    fig, axes = plt.subplots(1, len(PANELS), figsize=(4.2 * len(PANELS), 3.8))
+    panels = [*PANELS, *((k, label) for k, label in TRAINING_PANELS if any(k in r for r in rows))]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.8))
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     base_names = list(dict.fromkeys(n.removesuffix(" (N = 0)") for n in names))
-    for ax, (key, label) in zip(axes, PANELS):
+    for ax, (key, label) in zip(axes, panels):
+        training = key not in dict(PANELS)
         for name in names:
-            mine = sorted((r for r in rows if r["method"] == name), key=lambda r: r["epochs"])
+            mine = sorted((r for r in rows if r["method"] == name and (not training or key in r)), key=lambda r: r["epochs"])
+            if not mine or (training and name.endswith("(N = 0)")):
+                continue
             x = [r["epochs"] for r in mine]
             colour = colours[base_names.index(name.removesuffix(" (N = 0)")) % len(colours)]
             style = "--" if name.endswith("(N = 0)") else "-"
-            ax.plot(x, [r[f"{key}_mean"] for r in mine], style, marker="o", ms=3, color=colour, label=name)
-            values = [r.get(f"{key}_values", []) for r in mine]
+            y = [r[key] for r in mine] if training else [r[f"{key}_mean"] for r in mine]
+            ax.plot(x, y, style, marker="o", ms=3, color=colour, label=name)
+            values = [] if training else [r.get(f"{key}_values", []) for r in mine]
             if any(len(v) > 1 for v in values):
                 ax.fill_between(x, [min(v) for v in values], [max(v) for v in values], color=colour, alpha=0.15, lw=0)
         zero = [r for r in rows if r["method"].startswith("zero-shot")]
-        if zero:
+        if zero and not training:
             ax.axhline(zero[0][f"{key}_mean"], color="gray", lw=1, ls=":", label="zero-shot")
-        ax.set(xscale="log", xlabel="epochs", ylabel=label)
+        ax.set(xscale="log", xlabel="epochs", ylabel=label + (" (first seed)" if training else ""))
+        if training:
+            ax.set_yscale("log")
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7, loc="best")
     if title:

@@ -89,3 +89,39 @@ def test_posterior_summary_reads_the_std_and_the_update_ratio_from_the_run_files
     assert summary["noise_to_mean_median"] == pytest.approx((0.0017 ** 0.5))
     save_file({"values.x.lora_A_unconstrained": M}, tmp_path / "guide.safetensors")
     assert sweep.posterior_summary(tmp_path) is None  # a point estimate has no std
+
+
+def test_training_summary_reads_the_train_nll_tail_the_kl_per_example_and_mean_abs_A(tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    # 20 logged steps: nll 1.0 ... 0.05 (step i logs 1 - 0.05 i); the last 10 % = the last 2 entries
+    log = [{"step": i, "loss": 0.0, "nll": 1.0 - 0.05 * i, "kl": 100.0 + i} for i in range(20)]
+    log.append({"step": 20, "loss": 0.0, "nll": None, "kl": None})  # an entry without the terms is skipped
+    (tmp_path / "train_log.jsonl").write_text("\n".join(json.dumps(e) for e in log) + "\n")
+    (tmp_path / "split.json").write_text(json.dumps({"train": list(range(8)), "validation": [8]}))
+    save_file({"locs.m.q.lora_A_unconstrained": torch.tensor([[1.0, -3.0]]),
+               "std_roots.m.q.lora_A_unconstrained": torch.tensor([[9.0, 9.0]]),  # not the mean: ignored
+               "locs.m.q.lora_B_unconstrained": torch.tensor([[50.0]]),  # B: ignored
+               "locs.m.v.lora_A_unconstrained": torch.tensor([[0.0, 4.0]])}, tmp_path / "guide.safetensors")
+    summary = sweep.training_summary(tmp_path)
+    assert summary["train_nll_end"] == pytest.approx((0.10 + 0.05) / 2)
+    assert summary["kl_per_example_end"] == pytest.approx(119.0 / 8)
+    assert summary["mean_abs_A"] == pytest.approx((1 + 3 + 0 + 4) / 4)
+    save_file({"values.m.q.lora_A_unconstrained": torch.tensor([[-2.0]])}, tmp_path / "guide.safetensors")
+    (tmp_path / "train_log.jsonl").write_text(json.dumps({"step": 0, "loss": 0.3, "nll": 0.3, "kl": None}) + "\n")
+    assert sweep.training_summary(tmp_path) == {"train_nll_end": pytest.approx(0.3), "mean_abs_A": 2.0}  # MLE: no KL
+    assert sweep.training_summary(tmp_path / "missing") == {}  # a post-hoc run's folder without these files
+
+
+def test_sweep_tables_keep_the_columns_of_every_row(tmp_path):
+    rows = [{"epochs": 1.0, "method": "mle", "mode": "mean", "seeds": 1, "n": 4, "wall_seconds": 1.0,
+             **{f"{k}_{s}": 0.5 for k, _, _ in compare.METRICS for s in ("mean", "std")}}]
+    rows.append({**rows[0], "method": "blob", "std_min": 0.01, "std_median": 0.02, "std_max": 0.03,
+                 "noise_to_mean_median": 0.5, "train_nll_end": 0.25, "kl_per_example_end": 12.5, "mean_abs_A": 0.03})
+    text = sweep.write_sweep_tables(tmp_path, rows)
+    assert "| 0.0100 / 0.0200 / 0.0300 | 0.50 | 0.03 | 0.25 | 12.5 | 1 |" in text
+    header = (tmp_path / "sweep.csv").read_text().splitlines()[0].split(",")
+    assert {"std_median", "train_nll_end", "kl_per_example_end", "mean_abs_A"} <= set(header)  # not only row 0's keys
+    rows[1]["method"] = "blob (N = 0)"
+    assert sweep.plot_sweep(tmp_path, rows).stat().st_size > 0

@@ -124,8 +124,9 @@ def posterior_summary(run_dir: Path) -> Optional[dict]:
 def training_summary(run_dir: Path) -> dict:
     """What the training did, read from a finished run's files: ``train_nll_end``, the mean logged batch NLL
     over the last :data:`TRAIN_TAIL` of the logged steps (at least the last entry; compare with the
-    validation NLL to see over-fitting), ``kl_per_example_end``, the last logged KL divided by the number of
-    training examples (the size of the prior term of the per-example ELBO next to the NLL), and
+    validation NLL to see over-fitting), ``kl_per_example_end``, the last logged prior term (the KL for a
+    variational guide, ``-log p(A)`` for MAP) divided by the number of training examples (its size in the
+    per-example objective next to the NLL), and
     ``mean_abs_A``, the mean |A| of the point estimate or of the posterior mean M over every entry. A key is
     left out when the run has no such record (e.g. no KL for MLE, no ``guide.safetensors`` for a post-hoc run)."""
     from safetensors.torch import load_file
@@ -159,7 +160,7 @@ def write_sweep_tables(output_dir: Path, rows: list[dict], *, header: str = "") 
     lines = [header, ""] if header else []
     lines += ["| epochs | method | mode | seeds | n | " + " | ".join(label for _, label, _ in compare.METRICS)
               + " | std of A min / median / max (first seed) | noise / mean update (median layer) | mean abs A"
-              " | train NLL (last 10 %) | KL / n_train (last) | wall s (all seeds) |",
+              " | train NLL (last 10 %) | KL (MAP: -log p) / n_train, last | wall s (all seeds) |",
               "|---|---|---|---|---|" + "---|" * len(compare.METRICS) + "---|---|---|---|---|---|"]
     for r in rows:
         cells = [compare._fmt(r[f"{k}_mean"], r[f"{k}_std"], 2 if k in ("acc", "ece") else 3) for k, _, _ in compare.METRICS]

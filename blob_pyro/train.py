@@ -49,6 +49,7 @@ from blob_pyro.resume import (
 )
 from blob_pyro.evaluation.metrics import classification_metrics
 from blob_pyro.evaluation.predictive import posterior_mean_probs
+from blob_pyro.evaluation.weight_space import posterior_trace
 from blob_pyro.evaluation.report import evaluate_modes, results_table
 from blob_pyro.models import AnswerTokenHead, ChoiceLikelihoodHead
 from blob_pyro.peft_adapter import (
@@ -236,7 +237,7 @@ def run_training_loop(cfg: TrainConfig, run: AssembledRun, metrics: dict) -> tup
             bar.update(1)
             bar.set_postfix(loss=f"{stats['loss']:.3g}")
             if step % cfg.log_every == 0 or step == cfg.max_steps - 1:
-                log_file.write(json.dumps({"step": step, **stats}) + "\n")
+                log_file.write(json.dumps({"step": step, **stats, **posterior_trace(guide)}) + "\n")
                 log_file.flush()
             done = step + 1
             if parallel.agree_to_stop(stop):  # a signal that reached any process stops all after this step

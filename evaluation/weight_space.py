@@ -18,7 +18,7 @@ from typing import Mapping
 
 import torch
 
-__all__ = ["update_spread", "spread_by_layer"]
+__all__ = ["update_spread", "spread_by_layer", "posterior_trace"]
 
 
 def update_spread(B: torch.Tensor, loc: torch.Tensor, std: torch.Tensor, *, scaling: float = 1.0) -> dict[str, float]:
@@ -63,4 +63,26 @@ def spread_by_layer(model, guide) -> dict[str, dict[str, float]]:
         for site in guide.site_names:
             layer = adapters[site]
             out[site] = update_spread(layer.lora_B, *guide.loc_and_scale(site), scaling=layer.scaling)
+    return out
+
+
+def posterior_trace(guide) -> dict[str, float]:
+    """A few numbers that follow q(A) through training (one ``train_log.jsonl`` entry each log step).
+
+    ``mean_abs_A``: the mean |A| over every entry of every A site of the point estimate or posterior mean
+    (``guide.posterior_mean()``); for a guide with per-site Gaussian marginals (``guide.loc_and_scale``,
+    e.g. ``blob``) also ``std_A_min`` / ``std_A_median`` / ``std_A_max`` over every entry. Empty for a guide
+    that offers neither (e.g. a joint autoguide). Read together they show whether the std follows the data
+    or only the optimiser's step budget, and whether a prior is pulling A to 0 (Wang et al. 2024, sec. 3.2).
+    """
+    with torch.no_grad():
+        try:
+            means = guide.posterior_mean()
+        except NotImplementedError:
+            return {}
+        a = [means[s].detach().flatten().double() for s in guide.site_names if s in means]
+        out = {"mean_abs_A": float(torch.cat(a).abs().mean())} if a else {}
+        if guide.has_loc_and_scale():
+            std = torch.cat([guide.loc_and_scale(s)[1].detach().flatten().double() for s in guide.site_names])
+            out.update(std_A_min=float(std.min()), std_A_median=float(std.median()), std_A_max=float(std.max()))
     return out

@@ -56,3 +56,42 @@ def test_spread_by_layer_covers_every_site_and_uses_the_layer_scaling():
     assert spread[site] == pytest.approx(expected)
     with pytest.raises(ValueError, match="samples B too"):
         spread_by_layer(model, MeanFieldGuide(tiny_bayesian_llama(random_B=True)))
+
+
+def test_posterior_trace_summarises_every_entry_of_A():
+    from blob_pyro.evaluation.weight_space import posterior_trace
+    from blob_pyro.guides import MLEGuide
+
+    torch.manual_seed(0)
+    model = tiny_bayesian_llama()
+    guide = BLoBGuide(model, eps=0.05)
+    locs = torch.cat([guide.loc_and_scale(s)[0].detach().flatten() for s in guide.site_names])
+    stds = torch.cat([guide.loc_and_scale(s)[1].detach().flatten() for s in guide.site_names])
+    trace = posterior_trace(guide)
+    assert trace["mean_abs_A"] == pytest.approx(float(locs.abs().mean()), rel=1e-6)
+    assert (trace["std_A_min"], trace["std_A_max"]) == pytest.approx((float(stds.min()), float(stds.max())), rel=1e-6)
+    # BLoB's init: std = G^2 with G ~ U(eps / sqrt(2), eps), so every std lies in [eps^2 / 2, eps^2]
+    assert 0.05**2 / 2 <= trace["std_A_min"] <= trace["std_A_median"] <= trace["std_A_max"] <= 0.05**2
+    mle = MLEGuide(model)
+    point = posterior_trace(mle)
+    assert set(point) == {"mean_abs_A"}  # a point estimate has no std
+    values = torch.cat([mle.posterior_mean()[s].flatten() for s in mle.site_names])
+    assert point["mean_abs_A"] == pytest.approx(float(values.abs().mean()), rel=1e-6)
+
+
+def test_the_training_log_follows_the_std_of_A(tmp_path, tiny_causal_lm_dir):
+    import json
+
+    from blob_pyro.train import main
+    from tests.conftest import write_bigbench_task
+
+    task = write_bigbench_task(tmp_path / "task.json", num_examples=24)
+    out = tmp_path / "run"
+    main(["--model", str(tiny_causal_lm_dir), "--task", str(task), "--num-train", "16", "--num-validation", "8",
+          "--max-steps", "4", "--log-every", "1", "--batch-size", "4", "--eval-samples", "2", "--no-zero-shot",
+          "--guide", "blob", "--lr", "1e-2", "--warmup-ratio", "0", "--output-dir", str(out)])
+    log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in log] == [0, 1, 2, 3]
+    medians = [e["std_A_median"] for e in log]
+    assert all(e["std_A_min"] <= e["std_A_median"] <= e["std_A_max"] for e in log)
+    assert len(set(medians)) == len(medians) and medians[-1] > medians[0]  # read after every step; the KL widens q

@@ -159,18 +159,19 @@ class TrainConfig:
     # Evaluation and output
     eval_samples: int = _f(10, "posterior samples N for the predictive (0: posterior mean only)")
     eval_batch_size: int = _f(16, "evaluation batch size")
+    draws_per_pass: int = _f(1, "posterior draws that share one network pass, stacked along the batch axis (the same draws and, up to float rounding, the same probabilities as one pass per draw; fewer, larger passes are faster on a GPU and hold D times the activations)")
     zero_shot: bool = _f(True, "also evaluate the base model (B = 0) before training")
     output_dir: str = _f("runs/default", "run directory: config, split, adapter/guide safetensors, metrics.json")
     overwrite: bool = _f(False, "allow writing into an output directory that already holds a finished run")
     checkpoint_every: int = _f(0, "write a resumable training checkpoint (<output-dir>/checkpoint.safetensors, replaced atomically) every this many steps; 0: only at the end of training. SIGTERM/SIGINT always finish the current step, write one and exit")
-    resume: bool = _f(False, "continue the unfinished run in --output-dir from its checkpoint, bitwise as if never interrupted; the config must match the checkpoint's except --resume, --checkpoint-every, --log-every, --output-dir, --overwrite and --device (same device type)")
+    resume: bool = _f(False, "continue the unfinished run in --output-dir from its checkpoint, bitwise as if never interrupted; the config must match the checkpoint's except --resume, --checkpoint-every, --log-every, --output-dir, --overwrite, --draws-per-pass and --device (same device type)")
     device: str = _f("auto", "auto (cuda if available), cpu or cuda[:i]")
     base_dtype: str = _f("auto", "dtype of the frozen base model: auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16, float16", ["auto", "float32", "bfloat16", "float16"])
     base_quantization: str = _f("none", "quantize the frozen base's linear layers with bitsandbytes (pip install 'blob-pyro[quant]'): none, 8bit (LLM.int8()) or 4bit (NF4, double quantization, compute in --base-dtype). Adapters, guide and KL stay fp32; lm_head stays unquantized", ["none", "8bit", "4bit"])
 
     def __post_init__(self):
         self._apply_recipe()
-        positive_ints = ["num_train", "num_validation", "max_length", "rank", "max_steps", "batch_size", "eval_batch_size", "log_every"]
+        positive_ints = ["num_train", "num_validation", "max_length", "rank", "max_steps", "batch_size", "eval_batch_size", "log_every", "draws_per_pass"]
         if self.init_from_peft and self.max_steps == 0:  # evaluate / Bayesianize the imported adapter as it is
             positive_ints.remove("max_steps")
         for name in positive_ints:

@@ -63,6 +63,8 @@ class RunPredictive:
     :param cfg: the config its model was built from (a post-hoc baseline's: its base run's).
     :param model: ``BayesianLoRAModel`` with the run task's head; ``data``: the run task tokenized with its split.
     :param point_estimate: every draw is the same network (evaluate then draws once).
+    :param draws_per_pass: posterior draws stacked along the batch axis of one network pass
+        (:func:`~blob_pyro.evaluation.predictive.draw_predictive`); a speed setting, not a result-changing one.
     """
 
     method: str
@@ -74,6 +76,7 @@ class RunPredictive:
     device: torch.device
     point_estimate: bool = False
     guide: object = None
+    draws_per_pass: int = 1
 
     def model_for(self, task):
         """The model scoring ``task``: the run's own for its task, else the same network with ``task``'s head."""
@@ -126,8 +129,11 @@ class GuidePredictive(RunPredictive):
         from blob_pyro.evaluation.predictive import draw_predictive
 
         context = self.draw_context(model) if self.draw_context else contextlib.nullcontext()
+        # a draw context (MC dropout) draws its randomness inside the pass: one pass per draw keeps its draws
+        per_pass = 1 if self.draw_context else self.draws_per_pass
         with context:
-            return draw_predictive(model, self.guide, batches, num_samples=num_samples, seed=seed, posterior_sites=posterior_sites)
+            return draw_predictive(model, self.guide, batches, num_samples=num_samples, seed=seed, posterior_sites=posterior_sites,
+                                   draws_per_pass=per_pass)
 
 
 def concatenate_draws(parts: list):

@@ -45,7 +45,7 @@ POST_HOC_FIELDS = (
     "tfb_max_std",
 )
 #: Fields that change neither the parameters nor the numbers of a run (where it is, how it is resumed).
-IGNORED_FIELDS = ("resume", "checkpoint_every", "log_every", "output_dir", "overwrite", "device")
+IGNORED_FIELDS = ("resume", "checkpoint_every", "log_every", "output_dir", "overwrite", "device", "draws_per_pass")
 
 
 def write_text_atomic(path, text: str) -> Path:

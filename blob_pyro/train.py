@@ -269,7 +269,8 @@ def evaluate_after_training(cfg: TrainConfig, run: AssembledRun, metrics: dict) 
     model.eval()
     eval_start = time.perf_counter()
     samples = cfg.eval_samples if guide.scores_prior and not guide.point_estimate else 0  # point estimates: every draw is the same
-    mode_metrics, probs = evaluate_modes(model, guide, run.val_batches, labels, num_samples=samples, seed=cfg.seed, log=log)
+    mode_metrics, probs = evaluate_modes(model, guide, run.val_batches, labels, num_samples=samples, seed=cfg.seed, log=log,
+                                         draws_per_pass=cfg.draws_per_pass)
     metrics.update(mode_metrics)
     draws = probs["samples"]
     save_predictions(run.out, {"mean": probs["mean"]} if draws is None else {f"samples_{samples}": draws.mean(0)}, labels)
@@ -352,7 +353,8 @@ def evaluate_ood_tasks(cfg: TrainConfig, model, guide, ood_sets: dict, *, num_sa
             elif isinstance(trained_head, ChoiceLikelihoodHead):  # the OOD task may have another K
                 model.head = ChoiceLikelihoodHead(s["task"].num_choices)
             log(f"OOD evaluation on {name}:")
-            results[name], probs = evaluate_modes(model, guide, s["batches"], s["labels"], num_samples=num_samples, seed=cfg.seed, log=log)
+            results[name], probs = evaluate_modes(model, guide, s["batches"], s["labels"], num_samples=num_samples, seed=cfg.seed, log=log,
+                                                  draws_per_pass=cfg.draws_per_pass)
             draws[name] = (probs["samples"] if probs["samples"] is not None else probs["mean"]).numpy()
             model.head = trained_head
     finally:

@@ -17,10 +17,11 @@ def mode_name(num_samples: int) -> str:
     return "mean" if num_samples == 0 else f"samples_{num_samples}"
 
 
-def evaluate_modes(model, guide, batches: list, labels: torch.Tensor, *, num_samples: int, seed: int, log=print) -> tuple[dict, dict]:
+def evaluate_modes(model, guide, batches: list, labels: torch.Tensor, *, num_samples: int, seed: int, log=print,
+                   draws_per_pass: int = 1) -> tuple[dict, dict]:
     """Metrics for the posterior mean (N = 0) and, if ``num_samples > 0``, the N-sample average of
     :func:`~blob_pyro.evaluation.predictive.sample_probs` (draw ``s`` seeded by ``draw_seed(seed, s)``, as
-    ``python -m blob_pyro.evaluate`` draws them).
+    ``python -m blob_pyro.evaluate`` draws them); ``draws_per_pass`` draws share one network pass.
 
     :returns: ``({mode: metrics}, {"mean": (n, K) probs, "samples": (N, n, K) probs or None})``.
     """
@@ -34,7 +35,7 @@ def evaluate_modes(model, guide, batches: list, labels: torch.Tensor, *, num_sam
     draws = None
     if num_samples > 0:
         start = time.perf_counter()
-        draws = sample_probs(model, guide, batches, num_samples=num_samples, seed=seed)
+        draws = sample_probs(model, guide, batches, num_samples=num_samples, seed=seed, draws_per_pass=draws_per_pass)
         seconds = time.perf_counter() - start
         results[mode_name(num_samples)] = classification_metrics(draws.mean(0).numpy(), labels.numpy())
         log(f"evaluated N = {num_samples} on {n} examples in {seconds:.1f} s ({n * num_samples / seconds:.1f} example-draws/s)")

@@ -97,3 +97,43 @@ def test_draws_per_pass_must_be_positive():
     batch = {k: synthetic_batch(n=2)[k] for k in ("input_ids", "attention_mask")}
     with pytest.raises(ValueError, match="draws_per_pass must be a positive integer"):
         sample_probs(model, guide, [batch], num_samples=2, draws_per_pass=0)
+
+
+def test_train_and_evaluate_take_draws_per_pass_from_the_command_line(tmp_path, tiny_causal_lm_dir, monkeypatch):
+    """``--draws-per-pass 3`` in train and evaluate: the same metrics as one pass per draw (N = 4: 3 + 1), and a
+    bad value is refused before anything is written."""
+    import json
+
+    from blob_pyro.evaluate import main as evaluate_main
+    from blob_pyro.train import main as train_main
+    from blob_pyro.evaluation import predictive
+    from tests.conftest import write_bigbench_task
+
+    seen, original = [], predictive.draw_predictive
+
+    def spy(*args, **kwargs):  # records which per-pass setting reached the one sampler
+        seen.append(kwargs.get("draws_per_pass", 1))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(predictive, "draw_predictive", spy)
+    task = write_bigbench_task(tmp_path / "task.json", num_examples=24)
+    common = ["--model", str(tiny_causal_lm_dir), "--task", str(task), "--num-train", "16", "--num-validation", "8",
+              "--max-steps", "3", "--batch-size", "4", "--lr", "0.05", "--eval-samples", "4", "--no-zero-shot", "--guide", "blob"]
+    train_main([*common, "--output-dir", str(tmp_path / "loop")])
+    assert seen and set(seen) == {1}
+    seen.clear()
+    train_main([*common, "--output-dir", str(tmp_path / "stacked"), "--draws-per-pass", "3"])
+    assert seen and set(seen) == {3}
+    seen.clear()
+    loop, stacked = (json.loads((tmp_path / d / "metrics.json").read_text())["samples_4"] for d in ("loop", "stacked"))
+    for key in ("acc", "ece", "nll", "brier"):
+        assert stacked[key] == pytest.approx(loop[key], rel=1e-5, abs=1e-7)
+    evaluate_main(["--run-dir", str(tmp_path / "loop"), "--output-dir", str(tmp_path / "ev"), "--eval-samples", "4",
+                   "--draws-per-pass", "4", "--loo-examples", "4"])
+    assert seen and set(seen) == {4}
+    evaluated = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    block = next(v for v in evaluated.values() if isinstance(v, dict) and v.get("role") == "in_distribution")
+    assert block["samples_4"]["nll"] == pytest.approx(loop["nll"], rel=1e-5)
+    with pytest.raises(SystemExit, match="--draws-per-pass must be a positive integer"):
+        train_main([*common, "--output-dir", str(tmp_path / "bad"), "--draws-per-pass", "0"])
+    assert not (tmp_path / "bad").exists()

@@ -95,7 +95,7 @@ class EnsemblePredictive(RunPredictive):
             guide = self._use_member(k)
             point = getattr(guide, "point_estimate", not guide.scores_prior)
             parts.append(draw_predictive(model, guide, batches, num_samples=1 if point else num_samples,
-                                         seed=seed + SEED_STRIDE * k))
+                                         seed=seed + SEED_STRIDE * k, draws_per_pass=self.draws_per_pass))
         return concatenate_draws(parts)
 
     def modes(self, model, batches, draws):

@@ -159,7 +159,7 @@ class TrainConfig:
     # Evaluation and output
     eval_samples: int = _f(10, "posterior samples N for the predictive (0: posterior mean only)")
     eval_batch_size: int = _f(16, "evaluation batch size")
-    draws_per_pass: int = _f(1, "posterior draws that share one network pass, stacked along the batch axis (the same draws and, up to float rounding, the same probabilities as one pass per draw; fewer, larger passes are faster on a GPU and hold D times the activations)")
+    draws_per_pass: int = _f(1, "posterior draws that share one network pass, stacked along the batch axis (the same draws and, up to float rounding, the same probabilities as one pass per draw; fewer, larger passes are faster on a GPU and hold D times the activations). Used by the SVI guides' evaluation in train and by evaluate for every method; the baselines' own evaluation inside train (laplace, tfb, mc_dropout, ensemble) draws one pass per draw")
     zero_shot: bool = _f(True, "also evaluate the base model (B = 0) before training")
     output_dir: str = _f("runs/default", "run directory: config, split, adapter/guide safetensors, metrics.json")
     overwrite: bool = _f(False, "allow writing into an output directory that already holds a finished run")

@@ -52,7 +52,7 @@ FORMAT = "blob_pyro.training_checkpoint/1"
 #: parameters nor the metrics. ``device`` may name another device of the same type (``cuda:0`` ->
 #: ``cuda:1``, ``auto`` -> ``cuda``); another type (cpu <-> cuda) is refused: other kernels, other RNG.
 #: ``log_every`` changes only which steps are logged from the resumed step on; ``draws_per_pass`` only how the
-#: evaluation draws are batched (the same draws).
+#: evaluation draws are batched (the same draws; metrics equal up to float rounding, not bitwise).
 FREE_FIELDS = ("resume", "checkpoint_every", "log_every", "output_dir", "overwrite", "device", "draws_per_pass")
 
 #: Constraints of Pyro parameters outside the modules that a checkpoint can name (JSON, not pickle).

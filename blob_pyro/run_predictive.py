@@ -64,7 +64,8 @@ class RunPredictive:
     :param model: ``BayesianLoRAModel`` with the run task's head; ``data``: the run task tokenized with its split.
     :param point_estimate: every draw is the same network (evaluate then draws once).
     :param draws_per_pass: posterior draws stacked along the batch axis of one network pass
-        (:func:`~blob_pyro.evaluation.predictive.draw_predictive`); a speed setting, not a result-changing one.
+        (:func:`~blob_pyro.evaluation.predictive.draw_predictive`); a speed setting: the same draws, probabilities
+        equal up to float rounding (a draw context such as MC dropout's keeps one pass per draw).
     """
 
     method: str

@@ -44,7 +44,8 @@ POST_HOC_FIELDS = (
     "laplace_examples", "tfb_anchor_size", "tfb_nll_tolerance", "tfb_search_steps", "tfb_search_samples", "tfb_min_std",
     "tfb_max_std",
 )
-#: Fields that change neither the parameters nor the numbers of a run (where it is, how it is resumed).
+#: Fields that change neither the parameters nor the numbers of a run (where it is, how it is resumed;
+#: ``draws_per_pass``: how the evaluation draws are batched, metrics equal up to float rounding).
 IGNORED_FIELDS = ("resume", "checkpoint_every", "log_every", "output_dir", "overwrite", "device", "draws_per_pass")
 
 

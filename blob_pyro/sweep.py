@@ -122,13 +122,15 @@ def posterior_summary(run_dir: Path) -> Optional[dict]:
 
 
 def training_summary(run_dir: Path) -> dict:
-    """What the training did, read from a finished run's files: ``train_nll_end``, the mean logged batch NLL
-    over the last :data:`TRAIN_TAIL` of the logged steps (at least the last entry; compare with the
-    validation NLL to see over-fitting), ``kl_per_example_end``, the last logged prior term (the KL for a
-    variational guide, ``-log p(A)`` for MAP) divided by the number of training examples (its size in the
-    per-example objective next to the NLL), and
-    ``mean_abs_A``, the mean |A| of the point estimate or of the posterior mean M over every entry. A key is
-    left out when the run has no such record (e.g. no KL for MLE, no ``guide.safetensors`` for a post-hoc run)."""
+    """What the training did, read from a finished run's files: ``train_nll_end``, the mean logged NLL over
+    the last :data:`TRAIN_TAIL` of the logged steps (at least the last entry; each is one minibatch under one
+    posterior draw in training mode, so a noisy, rough figure next to the validation NLL: far below it means
+    over-fitting), ``kl_per_example_end``, the last logged prior term (the KL for a variational guide, a one-draw
+    estimate under Trace_ELBO; ``-log p(A)`` for MAP) divided by the number of training examples (its size in
+    the per-example objective next to the NLL), and ``mean_abs_A``, the mean |A| of the point estimate or of the
+    posterior mean M over every entry (from ``guide.safetensors`` for the library's guides, else the last
+    training-log entry's ``mean_abs_A``). A key is left out when the run has no such record (no KL for MLE;
+    a post-hoc run's folder, e.g. temperature or laplace_kfac, has none of them: see its base run's row)."""
     from safetensors.torch import load_file
 
     run_dir, out = Path(run_dir), {}
@@ -147,6 +149,8 @@ def training_summary(run_dir: Path) -> dict:
              if k.startswith(("locs.", "values.")) and k.removesuffix("_unconstrained").endswith(".lora_A")]
         if a:
             out["mean_abs_A"] = float(torch.cat(a).mean())
+    if "mean_abs_A" not in out and entries and entries[-1].get("mean_abs_A") is not None:  # e.g. an autoguide
+        out["mean_abs_A"] = float(entries[-1]["mean_abs_A"])
     return out
 
 

@@ -237,7 +237,8 @@ def run_training_loop(cfg: TrainConfig, run: AssembledRun, metrics: dict) -> tup
             bar.update(1)
             bar.set_postfix(loss=f"{stats['loss']:.3g}")
             if step % cfg.log_every == 0 or step == cfg.max_steps - 1:
-                log_file.write(json.dumps({"step": step, **stats, **posterior_trace(guide)}) + "\n")
+                trace = posterior_trace(guide) if parallel.is_main else {}  # only rank 0 writes the log
+                log_file.write(json.dumps({"step": step, **stats, **trace}) + "\n")
                 log_file.flush()
             done = step + 1
             if parallel.agree_to_stop(stop):  # a signal that reached any process stops all after this step

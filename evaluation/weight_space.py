@@ -69,10 +69,13 @@ def spread_by_layer(model, guide) -> dict[str, dict[str, float]]:
 def posterior_trace(guide) -> dict[str, float]:
     """A few numbers that follow q(A) through training (one ``train_log.jsonl`` entry each log step).
 
-    ``mean_abs_A``: the mean |A| over every entry of every A site of the point estimate or posterior mean
+    ``mean_abs_A``: the mean |A| over every entry of the guide's sites (``guide.site_names``; A sites left
+    deterministic by ``--bayesian-sites`` are not among them) of the point estimate or posterior mean
     (``guide.posterior_mean()``); for a guide with per-site Gaussian marginals (``guide.loc_and_scale``,
     e.g. ``blob``) also ``std_A_min`` / ``std_A_median`` / ``std_A_max`` over every entry. Empty for a guide
-    that offers neither (e.g. a joint autoguide). Read together they show whether the std follows the data
+    whose ``posterior_mean`` raises ``NotImplementedError`` (e.g. a flow autoguide); any other error of the
+    guide propagates (it would fail the N = 0 evaluation too), at the first logged step. It draws no random
+    numbers, so a resumed run logs the same values. Read together they show whether the std follows the data
     or only the optimiser's step budget, and whether a prior is pulling A to 0 (Wang et al. 2024, sec. 3.2).
     """
     with torch.no_grad():

@@ -2,11 +2,12 @@
 shrinks by about the summed learning rate while the model stays a constant predictor).
 
 LoRA starts at B = 0, where the likelihood gradient on A is exactly zero (dL/dA = s B^T dL/dh x^T). Adam divides
-each entry's gradient by its own running RMS, so the prior's gradient alone (M / sigma_p^2 for N(0, sigma_p^2))
-moves every entry of M by the full learning rate towards 0 in the first step, whatever the KL weight; and at
-A = 0 the likelihood gradient on B vanishes too (dL/dB = s dL/dh (A x)^T): A = B = 0 is a saddle. These tests
-pin that arithmetic on the real objective, so a change of optimiser or initialisation that removes the trap
-shows up here.
+each entry's gradient by its own running RMS, so the prior's gradient alone (M / sigma_p^2 for N(0, sigma_p^2),
+closed form under TraceMeanField_ELBO; Trace_ELBO's one-draw estimate is A / sigma_p^2) moves every entry of M by
+the full learning rate towards 0 in the first step taken at a non-zero learning rate (with the default warm-up,
+step 0 runs at lr 0), whatever the KL weight; and at A = 0 the likelihood gradient on B vanishes too
+(dL/dB = s dL/dh (A x)^T), so A = B = 0 is a stationary point that training cannot leave. These tests pin that
+arithmetic on the real objective, so a change of optimiser or initialisation that removes the trap shows up here.
 """
 
 import pytest
@@ -53,7 +54,7 @@ def test_without_a_prior_A_does_not_move_in_the_first_step():
         assert torch.equal(after[site], m)  # zero likelihood gradient at B = 0, no prior: A stays
 
 
-def test_at_A_equal_zero_and_B_equal_zero_no_gradient_reaches_the_adapter():
+def test_at_A_equal_zero_and_B_equal_zero_training_cannot_move_the_adapter():
     torch.manual_seed(0)
     model = tiny_bayesian_llama()
     guide = MLEGuide(model, init_loc_fn=lambda adapter: torch.zeros_like(init_to_lora(adapter)))

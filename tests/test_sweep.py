@@ -112,6 +112,9 @@ def test_training_summary_reads_the_train_nll_tail_the_kl_per_example_and_mean_a
     (tmp_path / "train_log.jsonl").write_text(json.dumps({"step": 0, "loss": 0.3, "nll": 0.3, "kl": None}) + "\n")
     assert sweep.training_summary(tmp_path) == {"train_nll_end": pytest.approx(0.3), "mean_abs_A": 2.0}  # MLE: no KL
     assert sweep.training_summary(tmp_path / "missing") == {}  # a post-hoc run's folder without these files
+    (tmp_path / "guide.safetensors").unlink()  # an autoguide's parameters: mean |A| from the training log
+    (tmp_path / "train_log.jsonl").write_text(json.dumps({"step": 0, "loss": 0.3, "nll": 0.3, "mean_abs_A": 0.25}) + "\n")
+    assert sweep.training_summary(tmp_path)["mean_abs_A"] == 0.25
 
 
 def test_sweep_tables_keep_the_columns_of_every_row(tmp_path):

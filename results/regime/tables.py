@@ -16,7 +16,8 @@ LABEL = {"laplace_kfac": "laplace_kfac (probit)", "blob": "blob (ELBO) N = 10", 
 
 def table(folder: str) -> str:
     rows = list(csv.DictReader(open(Path(folder) / "sweep.csv")))
-    methods = [m for m in ORDER if any(r["method"] == m for r in rows)]
+    present = list(dict.fromkeys(r["method"] for r in rows if not r["method"].startswith("zero-shot")))
+    methods = [m for m in ORDER if m in present] + [m for m in present if m not in ORDER]
     lengths = sorted({float(r["epochs"]) for r in rows})
     lines = ["| epochs | " + " | ".join(LABEL.get(m, m) for m in methods) + " |", "|---" * (len(methods) + 1) + "|"]
     for e in lengths:

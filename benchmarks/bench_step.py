@@ -105,10 +105,10 @@ def main(argv=None):
     ref = rows["plain torch LoRA step (reference)"]
     print(f"model: {'SmolLM2-135M' if args.real else 'random Llama hidden 256 x 4 layers'}, batch {args.batch_size} x {args.seq_len} tokens, "
           f"{torch.get_num_threads()} threads, medians of {args.repeats}")
-    print(f"| training step | median s | ratio vs plain torch |\n|---|---|---|")
+    print("| training step | median s | ratio vs plain torch |\n|---|---|---|")
     for name, seconds in rows.items():
         print(f"| {name} | {seconds:.4f} | {seconds / ref:.2f}x |")
-    print(f"\n| evaluation | median s | ratio vs N = 0 |\n|---|---|---|")
+    print("\n| evaluation | median s | ratio vs N = 0 |\n|---|---|---|")
     print(f"| posterior mean (N = 0) | {t0:.4f} | 1.00x |")
     print(f"| Predictive, N = 10 | {t10:.4f} | {t10 / t0:.2f}x (Predictive on the guide draws 10 A's, then 10 conditioned forward passes) |")
 

@@ -121,6 +121,23 @@ def posterior_summary(run_dir: Path) -> Optional[dict]:
             "noise_to_mean_median": ratios[len(ratios) // 2]}
 
 
+def read_train_log(path: Path) -> list[dict]:
+    """The entries of a ``train_log.jsonl`` (one JSON object per line; blank lines skipped). A line that is not
+    JSON (a file cut mid-write, edited by hand) raises a ValueError naming the file and the line."""
+    entries = []
+    for number, line in enumerate(Path(path).read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            entries.append(json.loads(line))
+        except json.JSONDecodeError as err:
+            raise ValueError(
+                f"{path}, line {number}, is not valid JSON ({err.msg}): the training log is corrupt. Delete that line "
+                "(and the ones after it) to report what was logged before it, or rerun the run (rerunning the same "
+                "sweep command resumes from its last checkpoint)") from None
+    return entries
+
+
 def training_summary(run_dir: Path) -> dict:
     """What the training did, read from a finished run's files: ``train_nll_end``, the mean logged NLL over
     the last :data:`TRAIN_TAIL` of the logged steps (at least the last entry; each is one minibatch under one
@@ -135,7 +152,7 @@ def training_summary(run_dir: Path) -> dict:
 
     run_dir, out = Path(run_dir), {}
     log_file = run_dir / "train_log.jsonl"
-    entries = [json.loads(line) for line in log_file.read_text().splitlines() if line.strip()] if log_file.is_file() else []
+    entries = read_train_log(log_file) if log_file.is_file() else []
     nlls = [e["nll"] for e in entries if e.get("nll") is not None]
     if nlls:
         tail = nlls[-max(1, math.ceil(TRAIN_TAIL * len(nlls))):]

@@ -7,7 +7,6 @@ import pytest
 import torch
 from pyro import poutine
 from pyro.infer import Trace_ELBO, TraceMeanField_ELBO
-from torch.distributions import Normal, kl_divergence
 
 from blob_pyro.guides import GUIDES, BLoBGuide, MLEGuide, make_guide
 from blob_pyro.models import BayesianLoRALinear, NormalPrior

@@ -5,7 +5,6 @@ Every check compares with an analytic answer or with an independent run, so a br
 
 import math
 import re
-import subprocess
 from pathlib import Path
 
 import pyro
@@ -18,7 +17,7 @@ from pyro.infer import SVI, Trace_ELBO, TraceMeanField_ELBO
 from blob_pyro.config import TrainConfig, config_parser, field_choices, field_help
 from blob_pyro.guides import GUIDES, make_guide
 from blob_pyro.models import (
-    PRIORS, BayesianLoRAModel, AnswerTokenHead, HierarchicalNormalPrior, IIDPrior, StudentTPrior, bayesianize, resolve_prior,
+    PRIORS, BayesianLoRAModel, AnswerTokenHead, HierarchicalNormalPrior, IIDPrior, StudentTPrior, bayesianize,
 )
 from blob_pyro.objectives import ELBOObjective, KLWeighting, ParityObjective
 from tests.helpers import synthetic_batch, tiny_bayesian_llama, tiny_llama

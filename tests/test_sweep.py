@@ -117,6 +117,15 @@ def test_training_summary_reads_the_train_nll_tail_the_kl_per_example_and_mean_a
     assert sweep.training_summary(tmp_path)["mean_abs_A"] == 0.25
 
 
+def test_a_corrupt_training_log_line_is_named_with_what_to_do(tmp_path):
+    good = json.dumps({"step": 0, "loss": 0.3, "nll": 0.3, "kl": None})
+    (tmp_path / "train_log.jsonl").write_text(good + "\n\n" + '{"step": 20, "nll": 0.' + "\n")  # cut mid-write
+    with pytest.raises(ValueError, match=r"train_log.jsonl, line 3, is not valid JSON .*Delete that line"):
+        sweep.training_summary(tmp_path)
+    (tmp_path / "train_log.jsonl").write_text(good + "\n")  # the advice works: the lines before it are reported
+    assert sweep.training_summary(tmp_path) == {"train_nll_end": pytest.approx(0.3)}
+
+
 def test_sweep_tables_keep_the_columns_of_every_row(tmp_path):
     rows = [{"epochs": 1.0, "method": "mle", "mode": "mean", "seeds": 1, "n": 4, "wall_seconds": 1.0,
              **{f"{k}_{s}": 0.5 for k, _, _ in compare.METRICS for s in ("mean", "std")}}]

@@ -19,10 +19,10 @@ Every setting (steps, lr, kllr, eps, prior scale, warm-up, KL schedule, cycle le
 factor) is read from the first seed's config.json and split.json of each method and length.
 """
 
+import argparse
 import csv
 import json
 import math
-import sys
 from pathlib import Path
 
 from blob_pyro.objectives import KLWeighting
@@ -57,13 +57,24 @@ def run_settings(folder: Path, epochs: float, method: str):
     return json.loads(run.read_text()), len(json.loads((run.parent / "split.json").read_text())["train"])
 
 
+def read_sweep_csv(folder: Path) -> list:
+    """The rows of ``folder/sweep.csv``; a clear error when the folder holds no sweep report yet."""
+    path = folder / "sweep.csv"
+    if not path.is_file():
+        raise SystemExit(f"{path} does not exist: run `python -m blob_pyro.sweep ... --output-dir {folder}` "
+                         "(or the same command with --report-only) first")
+    return list(csv.DictReader(open(path)))
+
+
 def main(folder: str, fan_in: int) -> str:
     folder = Path(folder)
-    rows = list(csv.DictReader(open(folder / "sweep.csv")))
+    rows = read_sweep_csv(folder)
 
-    def value(method: str, e: float, key: str) -> float:
-        return next((float(r[key]) for r in rows if r["method"] == method and float(r["epochs"]) == e
-                     and r.get(key) not in (None, "")), float("nan"))
+    def value(method: str, e: float, key: str) -> str:
+        """The measured ``key`` of ``method`` at ``e`` epochs, 4 decimals, or "" when that run does not exist."""
+        found = next((float(r[key]) for r in rows if r["method"] == method and float(r["epochs"]) == e
+                      and r.get(key) not in (None, "")), None)
+        return "" if found is None else f"{found:.4f}"
 
     bound = fan_in**-0.5
     lines = ["| epochs (steps) | blob_official std of A: predicted min / median / max | measured | blob (ELBO) std bound "
@@ -81,7 +92,7 @@ def main(folder: str, fan_in: int) -> str:
             predicted = [sgd_kl_std(g, steps, kllr=cfg["kllr"], kl=kl, warmup=cfg["warmup_ratio"], sigma_p=cfg["prior_scale"])
                          for g in g0s]
             cells += [" / ".join(f"{s:.4f}" for s in predicted),
-                      " / ".join(f"{value('blob_official', e, k):.4f}" for k in ("std_min", "std_median", "std_max"))]
+                      " / ".join(value('blob_official', e, k) for k in ("std_min", "std_median", "std_max"))]
         else:
             cells += ["", ""]
         if elbo:
@@ -89,7 +100,7 @@ def main(folder: str, fan_in: int) -> str:
             steps = cfg["max_steps"]
             g0 = (cfg["eps"] / math.sqrt(2) + cfg["eps"]) / 2
             spread = adam_budget(steps, lr=cfg["lr"] * cfg["scale_lr_factor"], warmup=cfg["warmup_ratio"])
-            cells += [f"{(g0 + spread) ** 2:.4f}", f"{value('blob', e, 'std_median'):.4f}"]
+            cells += [f"{(g0 + spread) ** 2:.4f}", value('blob', e, 'std_median')]
         else:
             cells += ["", ""]
         pulled = elbo or run_settings(folder, e, "map")  # the prior's pull on A under Adam (same lr for M and MAP's A)
@@ -98,10 +109,16 @@ def main(folder: str, fan_in: int) -> str:
             cfg, _ = pulled
             steps = cfg["max_steps"]
             pull = f"{mean_abs_after_pull(adam_budget(steps, lr=cfg['lr'], warmup=cfg['warmup_ratio']), bound):.4f} (init {bound / 2:.4f})"
-        cells += [pull] + [f"{value(m, e, 'mean_abs_A'):.4f}" for m in ("map", "blob", "mle")]
+        cells += [pull] + [value(m, e, 'mean_abs_A') for m in ("map", "blob", "mle")]
         lines.append(f"| {e:g} ({steps if steps is not None else '?'}) | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 if __name__ == "__main__":
-    print(main(sys.argv[1], int(sys.argv[2])))
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("folder", help="a sweep output folder holding sweep.csv and epochs_<E>/<method>/seed_<s>/")
+    parser.add_argument("fan_in", type=int, help="fan-in of the adapted layers (384 for MiniLM, 576 for SmolLM2's q/v)")
+    args = parser.parse_args()
+    if args.fan_in <= 0:
+        parser.error(f"fan_in must be a positive integer, got {args.fan_in}")
+    print(main(args.folder, args.fan_in))

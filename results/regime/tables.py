@@ -5,8 +5,8 @@ count in brackets when more than one), read from the folder's sweep.csv.
 Run from the repository root: ``python results/regime/tables.py results/regime/minilm_fact_checker``.
 """
 
+import argparse
 import csv
-import sys
 from pathlib import Path
 
 ORDER = ["mle", "temperature", "map", "laplace_kfac", "blob", "blob (N = 0)", "blob_official", "blob_official (N = 0)"]
@@ -15,7 +15,11 @@ LABEL = {"laplace_kfac": "laplace_kfac (probit)", "blob": "blob (ELBO) N = 10", 
 
 
 def table(folder: str) -> str:
-    rows = list(csv.DictReader(open(Path(folder) / "sweep.csv")))
+    path = Path(folder) / "sweep.csv"
+    if not path.is_file():
+        raise SystemExit(f"{path} does not exist: run `python -m blob_pyro.sweep ... --output-dir {folder}` "
+                         "(or the same command with --report-only) first")
+    rows = list(csv.DictReader(open(path)))
     present = list(dict.fromkeys(r["method"] for r in rows if not r["method"].startswith("zero-shot")))
     methods = [m for m in ORDER if m in present] + [m for m in present if m not in ORDER]
     lengths = sorted({float(r["epochs"]) for r in rows})
@@ -35,4 +39,6 @@ def table(folder: str) -> str:
 
 
 if __name__ == "__main__":
-    print(table(sys.argv[1]))
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("folder", help="a sweep output folder holding sweep.csv")
+    print(table(parser.parse_args().folder))

@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Regenerate every report of the regime study from the finished runs (no training, no evaluation):
+# each bench's sweep.md / sweep.csv / sweep.png and epochs_<E>/ tables, then the compact tables and the
+# optimiser-budget tables of results/regime/README.md (printed). Run from the repository root:
+#   bash results/regime/report.sh > /tmp/regime_tables.md
+# A sweep that is still running rewrites its bench's sweep.md with the subset it ran; run this afterwards.
+set -euo pipefail
+R=results/regime
+ALL="--report-only --epochs 1,4,12,31 --methods mle,temperature,map,laplace_kfac,blob_official,blob --seeds 1,2 --eval-samples 10 --checkpoint-every 100"
+MINILM="--model minilm --task-type sequence_classification --target-modules query,value,classifier --num-calibration 64 --batch-size 16 --lr 5e-4 --kllr 0.002"
+SMOL="--model smollm2 --task bundled:social_iqa --split-file $R/split_social_iqa_576_64_400.json --num-calibration 64 --batch-size 4 --lr 1e-3 --kllr 0.01"
+python -m blob_pyro.sweep $ALL --output-dir $R/minilm_epistemic $MINILM \
+  --task ../shared/data/bigbench/epistemic_reasoning.json --split-file $R/split_epistemic_reasoning_576_64_400.json >&2
+python -m blob_pyro.sweep $ALL --output-dir $R/minilm_fact_checker $MINILM \
+  --task ../shared/data/bigbench/fact_checker__fever.json --split-file $R/split_fact_checker_576_64_400.json >&2
+python -m blob_pyro.sweep $ALL --output-dir $R/smollm2_social_iqa $SMOL >&2
+for bench in minilm_epistemic:384 minilm_fact_checker:384 smollm2_social_iqa:576; do
+  folder=$R/${bench%%:*}
+  echo "## ${bench%%:*}"; echo
+  python $R/tables.py "$folder"; echo
+  python $R/optimiser_budget.py "$folder" "${bench##*:}"; echo
+done

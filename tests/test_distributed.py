@@ -148,8 +148,15 @@ def test_combined_gradients_are_the_global_batch_gradients(case, parallel_runs):
     for rank in (0, 1):
         combined = torch.load(root / f"gradients_{rank}.pt")[case]
         assert combined.keys() == expected.keys() and len(expected) >= 10
+        assert sum(bool(g.abs().max() > 0) for g in expected.values()) >= 5  # gradients that can disagree
         for name, grad in expected.items():
-            torch.testing.assert_close(combined[name], grad, rtol=1e-5, atol=1e-7, msg=name)
+            # Summing two shards rounds differently from one batch: float32 error scales with the largest
+            # entries, so near-zero entries get an absolute tolerance tied to the tensor's scale (a wrong
+            # shard weight or a missing all-reduce is off by >= 10 % of that scale).
+            # (B starts at 0, so A's gradients are exactly 0 in the first step: those must stay 0.)
+            scale = float(grad.abs().max())
+            torch.testing.assert_close(combined[name], grad, rtol=1e-5, atol=1e-5 * scale + 1e-12,
+                                       msg=lambda m, name=name: f"{name}: {m}")
 
 
 def test_dataset_rescaling_counts_processes():

@@ -33,11 +33,14 @@ import torch
 from blob_pyro import compare
 from blob_pyro.config import TrainConfig
 
-__all__ = ["main", "steps_for_epochs", "training_set_size", "collect", "plot_sweep", "posterior_summary"]
+__all__ = ["main", "steps_for_epochs", "training_set_size", "collect", "plot_sweep", "posterior_summary",
+           "training_summary", "weight_summary"]
 
 PANELS = [("acc", "ACC %"), ("ece", "ECE % (15 bins)"), ("nll", "NLL")]
 # Training-side panels, drawn from the first finished seed's files (log y axis): where the validation NLL
 # parts from the training NLL (over-fitting) and how the posterior's spread grows with training length.
+#: Per-run cache of :func:`weight_summary` (a few numbers), committed with the run's small files.
+WEIGHT_SUMMARY = "weight_summary.json"
 TRAINING_PANELS = [("train_nll_end", "train NLL (last 10 % of steps)"), ("std_median", "std of A (median entry)")]
 TRAIN_TAIL = 0.1  # share of the logged steps averaged for train_nll_end
 
@@ -85,8 +88,8 @@ def collect(output_dir: Path, epochs: Sequence[float], methods: Sequence[str], s
                 for key, _, factor in compare.METRICS:
                     row[f"{key}_values"] = [m[key] * factor for m in per_seed]
                 first = compare.run_dir(folder, method, compare.finished_seeds(folder, method, seeds)[0])
-                row.update(posterior_summary(first) or {})
                 row.update(training_summary(first))
+                row.update(weight_summary(first))  # after: the guide's mean |A| wins over a logged one
             rows.append(row)
     return rows
 
@@ -144,12 +147,10 @@ def training_summary(run_dir: Path) -> dict:
     posterior draw in training mode, so a noisy, rough figure next to the validation NLL: far below it means
     over-fitting), ``kl_per_example_end``, the last logged prior term (the KL for a variational guide, a one-draw
     estimate under Trace_ELBO; ``-log p(A)`` for MAP) divided by the number of training examples (its size in
-    the per-example objective next to the NLL), and ``mean_abs_A``, the mean |A| of the point estimate or of the
-    posterior mean M over every entry (from ``guide.safetensors`` for the library's guides, else the last
-    training-log entry's ``mean_abs_A``). A key is left out when the run has no such record (no KL for MLE;
-    a post-hoc run's folder, e.g. temperature or laplace_kfac, has none of them: see its base run's row)."""
-    from safetensors.torch import load_file
-
+    the per-example objective next to the NLL), and ``mean_abs_A`` from the last training-log entry when it has
+    one (e.g. an autoguide's; the library's guides get theirs from :func:`weight_summary`). A key is left out
+    when the run has no such record (no KL for MLE; a post-hoc run's folder, e.g. temperature or laplace_kfac,
+    has none of them: see its base run's row)."""
     run_dir, out = Path(run_dir), {}
     log_file = run_dir / "train_log.jsonl"
     entries = read_train_log(log_file) if log_file.is_file() else []
@@ -161,14 +162,42 @@ def training_summary(run_dir: Path) -> dict:
     if kls and (run_dir / "split.json").is_file():
         num_train = len(json.loads((run_dir / "split.json").read_text())["train"])
         out["kl_per_example_end"] = kls[-1] / num_train
-    if (run_dir / "guide.safetensors").is_file():
-        a = [v.double().abs().flatten() for k, v in load_file(run_dir / "guide.safetensors").items()
-             if k.startswith(("locs.", "values.")) and k.removesuffix("_unconstrained").endswith(".lora_A")]
-        if a:
-            out["mean_abs_A"] = float(torch.cat(a).mean())
-    if "mean_abs_A" not in out and entries and entries[-1].get("mean_abs_A") is not None:  # e.g. an autoguide
+    if entries and entries[-1].get("mean_abs_A") is not None:  # e.g. an autoguide
         out["mean_abs_A"] = float(entries[-1]["mean_abs_A"])
     return out
+
+
+def mean_abs_A(run_dir: Path) -> Optional[float]:
+    """The mean |A| of the point estimate or of the posterior mean M over every entry, read from a finished
+    run's ``guide.safetensors`` (the library's guides); ``None`` when it holds no LoRA A."""
+    from safetensors.torch import load_file
+
+    a = [v.double().abs().flatten() for k, v in load_file(Path(run_dir) / "guide.safetensors").items()
+         if k.startswith(("locs.", "values.")) and k.removesuffix("_unconstrained").endswith(".lora_A")]
+    return float(torch.cat(a).mean()) if a else None
+
+
+def weight_summary(run_dir: Path) -> dict:
+    """:func:`posterior_summary` and ``mean_abs_A`` (:func:`mean_abs_A`) of a finished run. Computed from its
+    safetensors where they are, and then cached in the run's :data:`WEIGHT_SUMMARY` file; where they are not
+    (they are large and not committed: a fresh clone, another machine) the cache is read instead, so a report
+    rebuilt there keeps these columns. Empty when the run has neither (e.g. a post-hoc run's folder)."""
+    run_dir = Path(run_dir)
+    cache = run_dir / WEIGHT_SUMMARY
+    if (run_dir / "guide.safetensors").is_file():
+        out = dict(posterior_summary(run_dir) or {})
+        if (value := mean_abs_A(run_dir)) is not None:
+            out["mean_abs_A"] = value
+        cache.write_text(json.dumps({"source": "this run's guide.safetensors and adapter.safetensors", **out},
+                                    indent=1) + "\n")
+        return out
+    if not cache.is_file():
+        return {}
+    try:
+        return {k: float(v) for k, v in json.loads(cache.read_text()).items() if k != "source"}
+    except (json.JSONDecodeError, AttributeError, TypeError, ValueError) as err:
+        raise ValueError(f"{cache} is corrupt ({err}): delete it and rebuild the report where the run's "
+                         "guide.safetensors and adapter.safetensors are, which writes it again") from None
 
 
 def write_sweep_tables(output_dir: Path, rows: list[dict], *, header: str = "") -> str:

@@ -91,30 +91,55 @@ def test_posterior_summary_reads_the_std_and_the_update_ratio_from_the_run_files
     assert sweep.posterior_summary(tmp_path) is None  # a point estimate has no std
 
 
-def test_training_summary_reads_the_train_nll_tail_the_kl_per_example_and_mean_abs_A(tmp_path):
-    import torch
-    from safetensors.torch import save_file
-
+def test_training_summary_reads_the_train_nll_tail_and_the_kl_per_example(tmp_path):
     # 20 logged steps: nll 1.0 ... 0.05 (step i logs 1 - 0.05 i); the last 10 % = the last 2 entries
     log = [{"step": i, "loss": 0.0, "nll": 1.0 - 0.05 * i, "kl": 100.0 + i} for i in range(20)]
     log.append({"step": 20, "loss": 0.0, "nll": None, "kl": None})  # an entry without the terms is skipped
     (tmp_path / "train_log.jsonl").write_text("\n".join(json.dumps(e) for e in log) + "\n")
     (tmp_path / "split.json").write_text(json.dumps({"train": list(range(8)), "validation": [8]}))
-    save_file({"locs.m.q.lora_A_unconstrained": torch.tensor([[1.0, -3.0]]),
-               "std_roots.m.q.lora_A_unconstrained": torch.tensor([[9.0, 9.0]]),  # not the mean: ignored
-               "locs.m.q.lora_B_unconstrained": torch.tensor([[50.0]]),  # B: ignored
-               "locs.m.v.lora_A_unconstrained": torch.tensor([[0.0, 4.0]])}, tmp_path / "guide.safetensors")
     summary = sweep.training_summary(tmp_path)
-    assert summary["train_nll_end"] == pytest.approx((0.10 + 0.05) / 2)
-    assert summary["kl_per_example_end"] == pytest.approx(119.0 / 8)
-    assert summary["mean_abs_A"] == pytest.approx((1 + 3 + 0 + 4) / 4)
-    save_file({"values.m.q.lora_A_unconstrained": torch.tensor([[-2.0]])}, tmp_path / "guide.safetensors")
+    assert summary == {"train_nll_end": pytest.approx((0.10 + 0.05) / 2), "kl_per_example_end": pytest.approx(119.0 / 8)}
     (tmp_path / "train_log.jsonl").write_text(json.dumps({"step": 0, "loss": 0.3, "nll": 0.3, "kl": None}) + "\n")
-    assert sweep.training_summary(tmp_path) == {"train_nll_end": pytest.approx(0.3), "mean_abs_A": 2.0}  # MLE: no KL
+    assert sweep.training_summary(tmp_path) == {"train_nll_end": pytest.approx(0.3)}  # MLE: no KL
     assert sweep.training_summary(tmp_path / "missing") == {}  # a post-hoc run's folder without these files
-    (tmp_path / "guide.safetensors").unlink()  # an autoguide's parameters: mean |A| from the training log
+    # an autoguide's parameters are not in guide.safetensors: its mean |A| comes from the training log
     (tmp_path / "train_log.jsonl").write_text(json.dumps({"step": 0, "loss": 0.3, "nll": 0.3, "mean_abs_A": 0.25}) + "\n")
     assert sweep.training_summary(tmp_path)["mean_abs_A"] == 0.25
+
+
+def _write_blob_run(run_dir):
+    import torch
+    from safetensors.torch import save_file
+
+    save_file({"locs.m.q.lora_A_unconstrained": torch.tensor([[1.0, -3.0]]),
+               "std_roots.m.q.lora_A_unconstrained": torch.tensor([[0.5, 0.5]]),  # std 0.25: not the mean
+               "locs.m.q.lora_B_unconstrained": torch.tensor([[50.0]]),  # B: not A
+               "locs.m.v.lora_A_unconstrained": torch.tensor([[0.0, 4.0]]),
+               "std_roots.m.v.lora_A_unconstrained": torch.tensor([[0.1, 0.2]])}, run_dir / "guide.safetensors")
+    save_file({"m.q.lora_B": torch.tensor([[1.0]]), "m.v.lora_B": torch.tensor([[2.0]])}, run_dir / "adapter.safetensors")
+    (run_dir / "config.json").write_text(json.dumps({"alpha": 2.0, "rank": 1}))
+
+
+def test_weight_summary_is_cached_so_a_clone_without_the_safetensors_keeps_the_std_columns(tmp_path):
+    _write_blob_run(tmp_path)
+    summary = sweep.weight_summary(tmp_path)
+    assert summary["mean_abs_A"] == pytest.approx((1 + 3 + 0 + 4) / 4)  # the posterior mean M of A only
+    assert (summary["std_min"], summary["std_max"]) == pytest.approx((0.01, 0.25))
+    assert summary == {**sweep.posterior_summary(tmp_path), "mean_abs_A": summary["mean_abs_A"]}
+    assert "source" in json.loads((tmp_path / sweep.WEIGHT_SUMMARY).read_text())
+    (tmp_path / "guide.safetensors").unlink()  # a fresh clone: the large files are not committed
+    (tmp_path / "adapter.safetensors").unlink()
+    assert sweep.weight_summary(tmp_path) == pytest.approx(summary)
+    (tmp_path / sweep.WEIGHT_SUMMARY).write_text('{"std_min": 0.0')  # cut mid-write
+    with pytest.raises(ValueError, match=r"weight_summary.json is corrupt .*delete it"):
+        sweep.weight_summary(tmp_path)
+    (tmp_path / sweep.WEIGHT_SUMMARY).unlink()
+    assert sweep.weight_summary(tmp_path) == {}  # neither: the columns stay empty
+    import torch
+    from safetensors.torch import save_file
+
+    save_file({"values.m.q.lora_A_unconstrained": torch.tensor([[-2.0]])}, tmp_path / "guide.safetensors")
+    assert sweep.weight_summary(tmp_path) == {"mean_abs_A": 2.0}  # a point estimate: |A|, no std
 
 
 def test_a_corrupt_training_log_line_is_named_with_what_to_do(tmp_path):

@@ -4,17 +4,20 @@
 # optimiser-budget tables of results/regime/README.md (printed). Run from the repository root:
 #   bash results/regime/report.sh > /tmp/regime_tables.md
 # A sweep that is still running rewrites its bench's sweep.md with the subset it ran; run this afterwards.
-# The std-of-A and mean |A| columns are read from each run's guide.safetensors / adapter.safetensors, which are
-# not committed: on a machine without them those columns would come out empty, so this refuses to run there
-# (FORCE=1 overrides).
+# The std-of-A and mean |A| columns are read from each run's guide.safetensors / adapter.safetensors (not
+# committed) and cached in its weight_summary.json (committed); where a run has neither, those columns would
+# come out empty, so this refuses to run (FORCE=1 overrides). The report reads the first finished seed of each
+# method, seed 1 for every row of this study, so only seed_1 folders are checked.
 set -euo pipefail
 R=results/regime
-missing=$(for m in $(find $R -path '*/seed_*/metrics.json'); do d=$(dirname "$m");
-  [ -f "$d/adapter.safetensors" ] || echo "$d"; done | grep -v -e /temperature/ -e /laplace_kfac/ || true)
+missing=$(for m in $(find $R -path '*/seed_1/metrics.json'); do d=$(dirname "$m");
+  [ -f "$d/adapter.safetensors" ] || [ -f "$d/weight_summary.json" ] || echo "$d"; done |
+  grep -v -e /temperature/ -e /laplace_kfac/ || true)
 if [ -n "$missing" ] && [ "${FORCE:-0}" != 1 ]; then
-  echo "these runs have no safetensors here (not committed), so their std-of-A / mean |A| columns would be lost:" >&2
+  echo "these runs have neither safetensors nor weight_summary.json here, so their std-of-A / mean |A| columns" >&2
+  echo "would be lost:" >&2
   echo "$missing" | head -5 >&2
-  echo "regenerate on the machine that ran them, merge new rows by hand, or set FORCE=1 to rebuild anyway" >&2
+  echo "rebuild the report on the machine that ran them (it writes weight_summary.json), or set FORCE=1" >&2
   exit 1
 fi
 ALL="--report-only --epochs 1,4,12,31 --methods mle,temperature,map,laplace_kfac,blob_official,blob --seeds 1,2 --eval-samples 10 --checkpoint-every 100"

@@ -28,7 +28,7 @@ from blob_pyro.schedules import kl_cycle_length
 
 __all__ = [
     "load_task", "make_split", "evaluation_positions", "TaskData", "prepare_data", "resolve_device", "resolve_dtype",
-    "build_model", "build_guide", "build_objective", "batches", "training_batches",
+    "build_model", "build_guide", "build_objective", "batches", "training_batches", "enable_activation_checkpointing",
     "TrainingBatches",
 ]
 
@@ -196,6 +196,23 @@ def load_network(cfg: TrainConfig, num_classes: int, *, dtype: torch.dtype):
     # the head the run was trained with, whatever the RNG state of the caller.
     torch.manual_seed(cfg.seed)
     return pretrained.load_sequence_classifier(cfg.model, num_labels=num_classes, dtype=dtype, **options)
+
+
+def enable_activation_checkpointing(network) -> None:
+    """``--gradient-checkpointing``: the network's layers keep only their inputs in the forward pass and
+    recompute their activations in the backward pass (transformers' activation checkpointing, active in
+    training mode only). Non-reentrant ``torch.utils.checkpoint``, which restores the random state for the
+    recomputation (LoRA dropout and flipout signs are drawn again identically) and needs no input that
+    requires grad; the LoRA factors are drawn once per step before the forward (``models.lora``), so the
+    recomputed forward sees the same A."""
+    if not getattr(network, "supports_gradient_checkpointing", False):
+        raise ValueError(f"--gradient-checkpointing: {type(network).__name__} does not support activation "
+                         "checkpointing in transformers; run without the flag")
+    kwargs = {"use_reentrant": False}
+    if hasattr(network, "activation_checkpointing_enable"):  # transformers >= 5.x; the old name is deprecated there
+        network.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        network.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 def build_model(cfg: TrainConfig, network, data: TaskData) -> BayesianLoRAModel:

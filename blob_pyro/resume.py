@@ -37,7 +37,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch.distributions import constraints
 
-from blob_pyro.config import TrainConfig
+from blob_pyro.config import RESULT_NEUTRAL_FIELDS, TrainConfig
 from blob_pyro.state_codec import flatten, unflatten
 
 __all__ = [
@@ -53,7 +53,7 @@ FORMAT = "blob_pyro.training_checkpoint/1"
 #: ``cuda:1``, ``auto`` -> ``cuda``); another type (cpu <-> cuda) is refused: other kernels, other RNG.
 #: ``log_every`` changes only which steps are logged from the resumed step on; ``draws_per_pass`` only how the
 #: evaluation draws are batched (the same draws; metrics equal up to float rounding, not bitwise).
-FREE_FIELDS = ("resume", "checkpoint_every", "log_every", "output_dir", "overwrite", "device", "draws_per_pass")
+FREE_FIELDS = RESULT_NEUTRAL_FIELDS  # free to differ between a checkpoint and the run that resumes it
 
 #: Constraints of Pyro parameters outside the modules that a checkpoint can name (JSON, not pickle).
 CONSTRAINTS = {

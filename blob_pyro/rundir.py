@@ -27,6 +27,8 @@ from typing import Iterable, Optional
 
 import numpy as np
 
+from blob_pyro.config import RESULT_NEUTRAL_FIELDS
+
 __all__ = [
     "FINISHED_MARKER", "SUB_RUN_PREFIXES", "POST_HOC_FIELDS", "write_text_atomic", "write_json_atomic", "is_finished",
     "looks_like_run_dir", "clear_run_dir", "config_differences_for_reuse", "describe_differences", "read_config_dict",
@@ -44,9 +46,9 @@ POST_HOC_FIELDS = (
     "laplace_examples", "tfb_anchor_size", "tfb_nll_tolerance", "tfb_search_steps", "tfb_search_samples", "tfb_min_std",
     "tfb_max_std",
 )
-#: Fields that change neither the parameters nor the numbers of a run (where it is, how it is resumed;
-#: ``draws_per_pass``: how the evaluation draws are batched, metrics equal up to float rounding).
-IGNORED_FIELDS = ("resume", "checkpoint_every", "log_every", "output_dir", "overwrite", "device", "draws_per_pass")
+#: Fields that change neither the parameters nor the numbers of a run: a finished run is reused whatever
+#: these hold (:data:`blob_pyro.config.RESULT_NEUTRAL_FIELDS`).
+IGNORED_FIELDS = RESULT_NEUTRAL_FIELDS
 
 
 def write_text_atomic(path, text: str) -> Path:

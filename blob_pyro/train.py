@@ -33,7 +33,7 @@ import torch
 from tqdm.auto import tqdm
 
 from blob_pyro.assembly import (
-    batches, build_guide, uses_answer_letters, build_model, build_objective, encode_examples, evaluation_positions, load_network, load_task,
+    batches, build_guide, uses_answer_letters, build_model, build_objective, enable_activation_checkpointing, encode_examples, evaluation_positions, load_network, load_task,
     length_sorted, prepare_data, resolve_device, resolve_dtype, training_batches,
 )
 from blob_pyro.checkpoint import save_adapter_and_guide
@@ -164,6 +164,11 @@ def assemble_run(cfg: TrainConfig, checked, peft_adapter) -> AssembledRun:
     log(f"task {task.name}: {len(task)} examples, {task.num_choices} choices; train {len(split.train)}, validation {len(split.validation)}")
     network, tokenizer = load_network(cfg, task.num_choices, dtype=resolve_dtype(cfg.base_dtype, device))
     network.to(device)
+    if cfg.gradient_checkpointing:
+        if parallel.active and cfg.flipout != "none":  # untested: recomputed on autograd threads
+            raise ValueError("--gradient-checkpointing with --flipout under torchrun would draw other flipout signs "
+                             "when the backward pass recomputes a layer; drop one of the two flags")
+        enable_activation_checkpointing(network)
     data = prepare_data(cfg, task, split, tokenizer)  # validation in length order: split.json and predictions follow it
     val_batches = batches(data, data.validation, batch_size=cfg.eval_batch_size, device=device)
     ood_sets = prepare_ood_tasks(cfg, data, tokenizer, device)  # before training: a bad --eval-tasks fails fast

@@ -9,6 +9,7 @@ from blob_pyro.models import (
     BayesianLoRALinear, BayesianLoRAModel, LaplacePrior, NormalPrior, SequenceClassificationHead, bayesianize,
     linear_layer_names,
 )
+from blob_pyro.assembly import enable_activation_checkpointing
 from tests.helpers import synthetic_batch, tiny_bayesian_llama, tiny_bert, tiny_llama
 
 TWO_BLOCK_SITES = [
@@ -119,7 +120,7 @@ def test_gradients_equal_with_and_without_gradient_checkpointing():
         model = tiny_bayesian_llama()
         guide = BLoBGuide(model)
         if checkpointing:
-            model.network.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            enable_activation_checkpointing(model.network)  # what --gradient-checkpointing calls
         model.network.train()
         with torch.no_grad():
             for layer in model.adapters.values():

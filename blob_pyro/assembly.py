@@ -202,9 +202,9 @@ def enable_activation_checkpointing(network) -> None:
     """``--gradient-checkpointing``: the network's layers keep only their inputs in the forward pass and
     recompute their activations in the backward pass (transformers' activation checkpointing, active in
     training mode only). Non-reentrant ``torch.utils.checkpoint``, which restores the random state for the
-    recomputation (LoRA dropout and flipout signs are drawn again identically) and needs no input that
-    requires grad; the LoRA factors are drawn once per step before the forward (``models.lora``), so the
-    recomputed forward sees the same A."""
+    recomputation (LoRA dropout and flipout signs are drawn again identically); the LoRA factors are drawn once
+    per step before the forward (``models.lora``), so the recomputed forward sees the same A. (transformers also
+    makes the input embeddings' output require grad, a small extra backward through the first layer.)"""
     if not getattr(network, "supports_gradient_checkpointing", False):
         raise ValueError(f"--gradient-checkpointing: {type(network).__name__} does not support activation "
                          "checkpointing in transformers; run without the flag")

@@ -19,8 +19,9 @@ from typing import Any, Callable, Optional, Sequence
 __all__ = ["TrainConfig", "config_parser", "field_help", "field_choices", "DEFAULT_TASK", "RECIPES", "RESULT_NEUTRAL_FIELDS"]
 
 #: Config fields that do not change a run's numbers (where it is written, how often it logs or checkpoints,
-#: the device index, how evaluation draws are batched, activation recomputation): a finished run is reused
-#: and a checkpoint resumed whatever their values.
+#: the device index, how evaluation draws are batched, activation recomputation; equal results bitwise or up
+#: to float rounding): a finished run is reused and a checkpoint resumed whatever their values (a checkpoint
+#: still refuses another device type, see ``blob_pyro.resume``).
 RESULT_NEUTRAL_FIELDS = ("resume", "checkpoint_every", "log_every", "output_dir", "overwrite", "device", "draws_per_pass",
                          "gradient_checkpointing")
 
@@ -170,7 +171,7 @@ class TrainConfig:
     output_dir: str = _f("runs/default", "run directory: config, split, adapter/guide safetensors, metrics.json")
     overwrite: bool = _f(False, "allow writing into an output directory that already holds a finished run")
     checkpoint_every: int = _f(0, "write a resumable training checkpoint (<output-dir>/checkpoint.safetensors, replaced atomically) every this many steps; 0: only at the end of training. SIGTERM/SIGINT always finish the current step, write one and exit")
-    resume: bool = _f(False, "continue the unfinished run in --output-dir from its checkpoint, bitwise as if never interrupted; the config must match the checkpoint's except --resume, --checkpoint-every, --log-every, --output-dir, --overwrite, --draws-per-pass, --gradient-checkpointing and --device (same device type)")
+    resume: bool = _f(False, "continue the unfinished run in --output-dir from its checkpoint, bitwise as if never interrupted (up to float rounding where --draws-per-pass or --gradient-checkpointing changes); the config must match the checkpoint's except --resume, --checkpoint-every, --log-every, --output-dir, --overwrite, --draws-per-pass, --gradient-checkpointing and --device (same device type)")
     device: str = _f("auto", "auto (cuda if available), cpu or cuda[:i]")
     base_dtype: str = _f("auto", "dtype of the frozen base model: auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16, float16", ["auto", "float32", "bfloat16", "float16"])
     gradient_checkpointing: bool = _f(False, "recompute the base model's layer activations in the backward pass (transformers' activation checkpointing, non-reentrant): much less activation memory for 1-8B models (README memory table) for one extra forward pass per step; the same gradients up to float rounding (A is drawn once per step, outside the recomputed forward). Not with --flipout under torchrun")

@@ -52,7 +52,10 @@ FORMAT = "blob_pyro.training_checkpoint/1"
 #: parameters nor the metrics. ``device`` may name another device of the same type (``cuda:0`` ->
 #: ``cuda:1``, ``auto`` -> ``cuda``); another type (cpu <-> cuda) is refused: other kernels, other RNG.
 #: ``log_every`` changes only which steps are logged from the resumed step on; ``draws_per_pass`` only how the
-#: evaluation draws are batched (the same draws; metrics equal up to float rounding, not bitwise).
+#: evaluation draws are batched (the same draws; metrics equal up to float rounding, not bitwise);
+#: ``gradient_checkpointing`` only whether the layers' activations are stored or recomputed in the backward pass
+#: (the same random state and draws; the same parameters up to float rounding, bitwise in the CPU test of
+#: tests/test_gradient_checkpointing.py).
 FREE_FIELDS = RESULT_NEUTRAL_FIELDS  # free to differ between a checkpoint and the run that resumes it
 
 #: Constraints of Pyro parameters outside the modules that a checkpoint can name (JSON, not pickle).

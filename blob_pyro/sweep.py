@@ -11,7 +11,9 @@ Outputs in ``<output-dir>``: ``sweep.csv`` / ``sweep.md`` (one row per method, p
 std over the finished seeds of ACC %, ECE % (15 bins), NLL, Brier; for BLoB-guide runs the posterior's std of A
 (min / median / max over all entries) and the median over layers of the noise / mean weight-update ratio
 of :func:`blob_pyro.evaluation.weight_space.update_spread`; the mean |A| of the point estimate or posterior
-mean, the training NLL at the end of training and the last KL per training example (:func:`training_summary`);
+mean (:func:`weight_summary`: read from the run's safetensors, cached in its ``weight_summary.json`` for clones
+without them), the training NLL at the end of training and the last KL per training example
+(:func:`training_summary`);
 the mean training wall time) and ``sweep.png``: ACC, ECE and NLL against epochs, one line per method (dashed: a
 sampling method's posterior-mean pass, N = 0), the band spanning the seeds' min to max; then the training NLL
 and the median std of A against epochs.
@@ -32,6 +34,7 @@ import torch
 
 from blob_pyro import compare
 from blob_pyro.config import TrainConfig
+from blob_pyro.rundir import write_json_atomic
 
 __all__ = ["main", "steps_for_epochs", "training_set_size", "collect", "plot_sweep", "posterior_summary",
            "training_summary", "weight_summary"]
@@ -148,7 +151,8 @@ def training_summary(run_dir: Path) -> dict:
     over-fitting), ``kl_per_example_end``, the last logged prior term (the KL for a variational guide, a one-draw
     estimate under Trace_ELBO; ``-log p(A)`` for MAP) divided by the number of training examples (its size in
     the per-example objective next to the NLL), and ``mean_abs_A`` from the last training-log entry when it has
-    one (e.g. an autoguide's; the library's guides get theirs from :func:`weight_summary`). A key is left out
+    one (what an autoguide's run has; for the library's guides :func:`weight_summary` reads it from the saved
+    guide, over every LoRA A, and takes precedence in :func:`collect`). A key is left out
     when the run has no such record (no KL for MLE; a post-hoc run's folder, e.g. temperature or laplace_kfac,
     has none of them: see its base run's row)."""
     run_dir, out = Path(run_dir), {}
@@ -188,8 +192,10 @@ def weight_summary(run_dir: Path) -> dict:
         out = dict(posterior_summary(run_dir) or {})
         if (value := mean_abs_A(run_dir)) is not None:
             out["mean_abs_A"] = value
-        cache.write_text(json.dumps({"source": "this run's guide.safetensors and adapter.safetensors", **out},
-                                    indent=1) + "\n")
+        try:  # atomic: a report killed mid-write leaves the old cache or none, never half a file
+            write_json_atomic(cache, {"source": "this run's guide.safetensors and adapter.safetensors", **out}, indent=1)
+        except OSError as err:  # e.g. a read-only folder: the report goes on, only the cache is missing
+            print(f"[sweep] could not write {cache} ({err}); this report has the values, a clone will not")
         return out
     if not cache.is_file():
         return {}

@@ -151,6 +151,11 @@ def assemble_run(cfg: TrainConfig, checked, peft_adapter) -> AssembledRun:
     the checks that need the model run here, before any run file is written."""
     out = Path(cfg.output_dir)
     parallel = DataParallel.from_environment(cfg.device)
+    if cfg.gradient_checkpointing and parallel.active and cfg.flipout != "none":
+        # the recomputation may run on autograd's device threads, outside this process's global_batch_rows
+        raise ValueError("--gradient-checkpointing with flipout under torchrun could draw other flipout signs when "
+                         f"the backward pass recomputes a layer (--flipout is {cfg.flipout!r}, also set by --recipe "
+                         "official): pass --flipout none or drop --gradient-checkpointing")
     device = resolve_device(cfg.device)
     checkpoint = None
     if cfg.resume or not cfg.overwrite:  # --resume: read and check it before writing anything
@@ -165,9 +170,6 @@ def assemble_run(cfg: TrainConfig, checked, peft_adapter) -> AssembledRun:
     network, tokenizer = load_network(cfg, task.num_choices, dtype=resolve_dtype(cfg.base_dtype, device))
     network.to(device)
     if cfg.gradient_checkpointing:
-        if parallel.active and cfg.flipout != "none":  # untested: recomputed on autograd threads
-            raise ValueError("--gradient-checkpointing with --flipout under torchrun would draw other flipout signs "
-                             "when the backward pass recomputes a layer; drop one of the two flags")
         enable_activation_checkpointing(network)
     data = prepare_data(cfg, task, split, tokenizer)  # validation in length order: split.json and predictions follow it
     val_batches = batches(data, data.validation, batch_size=cfg.eval_batch_size, device=device)

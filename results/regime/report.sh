@@ -7,11 +7,13 @@
 # The std-of-A and mean |A| columns are read from each run's guide.safetensors / adapter.safetensors (not
 # committed) and cached in its weight_summary.json (committed); where a run has neither, those columns would
 # come out empty, so this refuses to run (FORCE=1 overrides). The report reads the first finished seed of each
-# method, seed 1 for every row of this study, so only seed_1 folders are checked.
+# method, so that is the run checked.
 set -euo pipefail
 R=results/regime
-missing=$(for m in $(find $R -path '*/seed_1/metrics.json'); do d=$(dirname "$m");
-  [ -f "$d/adapter.safetensors" ] || [ -f "$d/weight_summary.json" ] || echo "$d"; done |
+missing=$(for method in $(find $R -mindepth 3 -maxdepth 3 -type d -path '*/epochs_*/*' | sort); do
+  first=$(ls -d "$method"/seed_* 2>/dev/null | sort -V | while read -r d; do [ -f "$d/metrics.json" ] && echo "$d" && break; done)
+  [ -n "$first" ] || continue
+  [ -f "$first/guide.safetensors" ] || [ -f "$first/weight_summary.json" ] || echo "$first"; done |
   grep -v -e /temperature/ -e /laplace_kfac/ || true)
 if [ -n "$missing" ] && [ "${FORCE:-0}" != 1 ]; then
   echo "these runs have neither safetensors nor weight_summary.json here, so their std-of-A / mean |A| columns" >&2

@@ -69,8 +69,8 @@ def main(argv=None):
     rows = {}
 
     # Reference: the same adapters driven by plain torch (A a leaf tensor, no Pyro handlers).
-    A = {s: torch.nn.Parameter(torch.randn(l.rank, l.in_features) * 0.02) for s, l in model.adapters.items()}
-    params = list(A.values()) + [l.lora_B for l in model.adapters.values()]
+    A = {s: torch.nn.Parameter(torch.randn(layer.rank, layer.in_features) * 0.02) for s, layer in model.adapters.items()}
+    params = list(A.values()) + [layer.lora_B for layer in model.adapters.values()]
     opt = torch.optim.AdamW(params, lr=1e-4)
 
     def torch_step():

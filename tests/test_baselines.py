@@ -26,12 +26,12 @@ from test_guides_registry import tiny_batch, tiny_model
 
 def test_ensemble_averages_probabilities_not_logits():
     logits = [torch.tensor([[4.0, 0.0], [0.0, 1.0]]), torch.tensor([[-2.0, 0.0], [0.0, 3.0]])]
-    probs = [torch.softmax(l, -1).numpy() for l in logits]
+    probs = [torch.softmax(z, -1).numpy() for z in logits]
     ensemble = average_probabilities(probs)
     assert np.allclose(ensemble, (probs[0] + probs[1]) / 2)
     assert not np.allclose(ensemble, torch.softmax((logits[0] + logits[1]) / 2, -1).numpy(), atol=1e-2)
     with pytest.raises(ValueError, match="not logits: apply softmax first"):
-        average_probabilities([l.numpy() for l in logits])
+        average_probabilities([z.numpy() for z in logits])
 
 
 # --- TFB ----------------------------------------------------------------------------------------------

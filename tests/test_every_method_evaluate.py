@@ -48,6 +48,15 @@ METHODS = {
 }
 
 
+def test_every_registered_baseline_has_a_row_here():
+    """A baseline added with ``register_method`` must join the table above, or this module would skip it silently."""
+    from blob_pyro.baselines import registered_methods
+
+    covered = {flags[flags.index("--method") + 1] for flags, _ in METHODS.values()}
+    missing = sorted(set(registered_methods()) - covered)
+    assert not missing, f"baselines {missing} have no row in METHODS of {__name__}: add one (train flags, primary mode)"
+
+
 @pytest.fixture(scope="module")
 def model_dir(tiny_causal_lm_dir):
     return tiny_causal_lm_dir

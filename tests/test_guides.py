@@ -72,7 +72,6 @@ def test_trace_elbo_without_data_is_an_unbiased_kl_estimate():
 def test_kl_weight_reaches_model_and_guide_sites(elbo):
     model = tiny_bayesian_llama()
     guide = BLoBGuide(model)
-    args = ()
     guide_trace = poutine.trace(guide).get_trace(kl_weight=0.25)
     model_trace = poutine.trace(poutine.replay(prior_only(model), trace=guide_trace)).get_trace(kl_weight=0.25)
     for site in guide.site_names:

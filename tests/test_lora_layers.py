@@ -129,6 +129,6 @@ def test_gradients_equal_with_and_without_gradient_checkpointing():
         pyro.set_rng_seed(3)
         loss = pyro.infer.Trace_ELBO().differentiable_loss(model, guide, batch["input_ids"], batch["attention_mask"], batch["labels"])
         loss.backward()
-        grads.append([p.grad.clone() for p in guide.parameters()] + [l.lora_B.grad.clone() for l in model.adapters.values()])
+        grads.append([p.grad.clone() for p in guide.parameters()] + [layer.lora_B.grad.clone() for layer in model.adapters.values()])
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b)

@@ -67,7 +67,7 @@ def test_one_parity_step_equals_a_hand_computation():
     with torch.no_grad():
         for layer in model.adapters.values():
             layer.lora_B.normal_(0, 0.3)
-    noise = {s: torch.randn(l.rank, l.in_features) for s, l in model.adapters.items()}
+    noise = {s: torch.randn(layer.rank, layer.in_features) for s, layer in model.adapters.items()}
     guide = FixedNoiseBLoBGuide(model, noise, eps=0.3)
     beta, lr, kllr = 0.2, 1e-2, 5e-2
     kl = KLWeighting("blob", cycle_length=4)
@@ -77,7 +77,7 @@ def test_one_parity_step_equals_a_hand_computation():
     # Hand computation, from copies of the initial parameters.
     M0 = {s: guide.loc(s).detach().clone().requires_grad_() for s in guide.site_names}
     G0 = {s: deep_root(guide, s).detach().clone().requires_grad_() for s in guide.site_names}
-    B0 = {s: l.lora_B for s, l in model.adapters.items()}  # autograd.grad leaves .grad untouched
+    B0 = {s: layer.lora_B for s, layer in model.adapters.items()}  # autograd.grad leaves .grad untouched
     draws = {s: M0[s] + G0[s] ** 2 * noise[s] for s in guide.site_names}
     with poutine.block(), poutine.condition(data=draws):
         logits = model.class_logits(batch["input_ids"], batch["attention_mask"])
@@ -117,7 +117,7 @@ def test_svi_run_learns_a_synthetic_task(guide_cls, elbo, flipout):
     torch.manual_seed(0)
     model = tiny_bayesian_llama()
     guide = guide_cls(model)
-    train, test = synthetic_batch(48, seed=0), synthetic_batch(48, seed=1)
+    train = synthetic_batch(48, seed=0)
     before = accuracy_of(model, guide, train)
     objective = ELBOObjective(
         model, guide, num_data=48, total_steps=150, kl=KLWeighting("constant", 12, 1e-3), lr=2e-2,

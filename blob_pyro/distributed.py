@@ -242,6 +242,13 @@ class DataParallel:
         dist.all_reduce(value, op=dist.ReduceOp.MAX)
         return bool(value.item())
 
+    def wait_for_main(self) -> None:
+        """Block every process until all reach this point, e.g. until rank 0 has written the checkpoint of
+        an interrupted run: a process that left earlier could be relaunched (``--resume``) before the
+        checkpoint exists, or make the launcher stop rank 0 in the middle of writing it. A no-op alone."""
+        if self.active:  # a tiny all-reduce rather than dist.barrier: the same on gloo and NCCL
+            dist.all_reduce(torch.zeros(1, device=self.comm_device))
+
     # --- checks -------------------------------------------------------------------------------------
 
     def broadcast_parameters(self, tensors: list) -> None:

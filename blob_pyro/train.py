@@ -260,6 +260,7 @@ def run_training_loop(cfg: TrainConfig, run: AssembledRun, metrics: dict) -> tup
                         train_seconds=earlier_train_seconds + time.perf_counter() - train_start,
                     )
             if stop.signum is not None:
+                parallel.wait_for_main()  # every process leaves once rank 0's checkpoint is on disk
                 message = (f"{stop.name} received: stopped after step {done} of {cfg.max_steps}; checkpoint written to "
                            f"{path}. Continue with the same command plus --resume (--output-dir {out} --resume)")
                 log(message)

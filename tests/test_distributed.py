@@ -87,8 +87,39 @@ def _worker(rank: int, world_size: int, port: int, model_dir: str, task: str, ro
         for name, extra in CONFIGS.items():
             metrics = main(run_args(model_dir, task, os.path.join(root, f"{name}_parallel"), PER_PROCESS_BATCH, extra))
             assert (metrics != {}) == (rank == 0)  # rank 0 alone evaluates
+        interrupted_then_resumed(rank, model_dir, task, root)
     finally:
         dist.destroy_process_group()
+
+
+RESUMED = "parity_flipout"  # the most state to carry over: the KL cycle's position, flipout and Adam
+
+
+def interrupted_then_resumed(rank: int, model_dir: str, task: str, root: str) -> None:
+    """Train RESUMED with 2 processes where SIGTERM reaches rank 1 alone, just before its step 2 (torchrun
+    forwards signals, but they need not land in the same step); then resume it with 2 processes."""
+    import signal
+
+    from blob_pyro import objectives
+
+    argv = run_args(model_dir, task, os.path.join(root, f"{RESUMED}_resumed_parallel"), PER_PROCESS_BATCH, CONFIGS[RESUMED])
+    original, calls = objectives.ParityObjective.step, [0]
+
+    def step(self, batch, step):
+        if rank == 1 and calls[0] == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        calls[0] += 1
+        return original(self, batch, step)
+
+    objectives.ParityObjective.step = step
+    try:
+        main(argv)
+        raise AssertionError("the run was not interrupted")
+    except SystemExit as stopped:  # both processes stop after the same step; rank 0 wrote the checkpoint
+        assert stopped.code == 128 + signal.SIGTERM, stopped.code
+    finally:
+        objectives.ParityObjective.step = original
+    main([*argv, "--resume"])
 
 
 def free_port() -> int:
@@ -137,6 +168,27 @@ def test_two_processes_match_one_process_at_double_batch(name, parallel_runs, ti
     for mode in single_metrics:  # evaluation on rank 0 continues the one-process random stream
         assert parallel_metrics[mode]["nll"] == pytest.approx(single_metrics[mode]["nll"], rel=1e-5)
     assert json.loads((root / f"{name}_parallel" / "run.json").read_text())["processes"] == 2
+
+
+def test_a_run_stopped_on_one_process_resumes_to_the_one_process_result(parallel_runs, tiny_causal_lm_dir):
+    """SIGTERM on rank 1 alone stops both processes after step 3 (checkpoint by rank 0); ``--resume`` with 2
+    processes then ends where one uninterrupted process at double batch ends."""
+    root, task = parallel_runs
+    single = root / f"{RESUMED}_single"
+    if not (single / "metrics.json").exists():
+        main(run_args(tiny_causal_lm_dir, task, single, 2 * PER_PROCESS_BATCH, CONFIGS[RESUMED]))
+    resumed = root / f"{RESUMED}_resumed_parallel"
+    assert json.loads((resumed / "run.json").read_text())["resumed_at_steps"] == [3]
+    resumed_tensors, resumed_log, resumed_metrics = read_run(resumed)
+    single_tensors, single_log, single_metrics = read_run(single)
+    assert resumed_tensors.keys() == single_tensors.keys()
+    for key, value in single_tensors.items():
+        torch.testing.assert_close(resumed_tensors[key], value, rtol=1e-5, atol=1e-6, msg=key)
+    assert [r["step"] for r in resumed_log] == list(range(5))  # no step logged twice or lost
+    for p, s in zip(resumed_log, single_log):
+        assert p["loss"] == pytest.approx(s["loss"], rel=1e-5, abs=1e-6)
+    for mode in single_metrics:
+        assert resumed_metrics[mode]["nll"] == pytest.approx(single_metrics[mode]["nll"], rel=1e-5)
 
 
 @pytest.mark.parametrize("case", GRADIENT_CASES)

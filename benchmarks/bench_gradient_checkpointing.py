@@ -13,9 +13,11 @@ Memory is the host's resident set (this script measures the CPU path; on a GPU u
 ``torch.cuda.max_memory_allocated``): the kernel's peak-RSS counter (``VmHWM``) is reset through
 ``/proc/self/clear_refs`` after the model, guide and optimiser exist and one warm-up step has run, and
 read after the timed steps; the row reports the peak minus the resident set just before the steps, i.e.
-what the steps themselves allocate on top (activations kept for backward, gradients, temporaries).
+what the steps themselves allocate on top (activations kept for backward and temporaries; the
+gradient buffers and the optimiser's state already exist after the warm-up).
 Every row's process runs with a fixed glibc mmap threshold (``MALLOC_ENV``), so memory freed by one step
-goes back to the kernel and the next step's peak is seen. Linux only. Time: the median of ``--repeats`` steps.
+goes back to the kernel and the next step's peak is seen; the times are measured under that setting too
+(every large block a fresh mapping, so both rows pay page faults). Linux only. Time: the median of ``--repeats`` steps.
 """
 
 from __future__ import annotations

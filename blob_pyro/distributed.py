@@ -242,12 +242,17 @@ class DataParallel:
         dist.all_reduce(value, op=dist.ReduceOp.MAX)
         return bool(value.item())
 
-    def wait_for_main(self) -> None:
+    def wait_for_main(self, *, failed: bool = False) -> bool:
         """Block every process until all reach this point, e.g. until rank 0 has written the checkpoint of
         an interrupted run: a process that left earlier could be relaunched (``--resume``) before the
-        checkpoint exists, or make the launcher stop rank 0 in the middle of writing it. A no-op alone."""
-        if self.active:  # a tiny all-reduce rather than dist.barrier: the same on gloo and NCCL
-            dist.all_reduce(torch.zeros(1, device=self.comm_device))
+        checkpoint exists, or make the launcher stop rank 0 in the middle of writing it. Returns whether
+        any process passed ``failed=True`` (e.g. rank 0's write raised), so that all can raise together.
+        Alone: returns ``failed``."""
+        if not self.active:
+            return failed
+        value = torch.tensor([float(failed)], device=self.comm_device)
+        dist.all_reduce(value, op=dist.ReduceOp.MAX)
+        return bool(value.item())  # .item() waits for the result: NCCL's all_reduce only queues it
 
     # --- checks -------------------------------------------------------------------------------------
 

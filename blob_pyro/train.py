@@ -217,6 +217,14 @@ def evaluate_before_training(cfg: TrainConfig, run: AssembledRun) -> dict:
     return metrics
 
 
+def interrupted(stop, done: int, max_steps: int, path: Path) -> Interrupted:
+    """The exception that ends a run stopped by a signal after step ``done``, its checkpoint at ``path``."""
+    message = (f"{stop.name} received: stopped after step {done} of {max_steps}; checkpoint written to "
+               f"{path}. Continue with the same command plus --resume (--output-dir {path.parent} --resume)")
+    log(message)
+    return Interrupted(stop.signum, message)
+
+
 def run_training_loop(cfg: TrainConfig, run: AssembledRun, metrics: dict) -> tuple[float, list]:
     """SVI steps up to ``--max-steps``, resumable: parameters, optimisers, RNG and data position come from the
     checkpoint. Writes ``train_log.jsonl`` and checkpoints (every ``--checkpoint-every`` steps, at the end and
@@ -248,23 +256,37 @@ def run_training_loop(cfg: TrainConfig, run: AssembledRun, metrics: dict) -> tup
                 log_file.write(json.dumps({"step": step, **stats, **trace}) + "\n")
                 log_file.flush()
             done = step + 1
-            if parallel.agree_to_stop(stop):  # a signal that reached any process stops all after this step
+            # Every process acts on the agreed flag, never on its own stop.signum: a signal landing after the
+            # vote is taken up by the next step's vote, so all processes save and stop after the same step.
+            stopping = parallel.agree_to_stop(stop)  # a signal that reached any process stops all after this step
+            if stopping:
                 stop.signum = stop.signum or int(signal.SIGTERM)
-            path = checkpoint_path(out)
-            if stop.signum is not None or done == cfg.max_steps or (cfg.checkpoint_every and done % cfg.checkpoint_every == 0):
+            path, save_error = checkpoint_path(out), None
+            if stopping or done == cfg.max_steps or (cfg.checkpoint_every and done % cfg.checkpoint_every == 0):
                 log_file.flush()
                 if parallel.is_main:
-                    path = save_checkpoint(
-                        out, cfg=cfg, step=done, model=model, guide=guide, objective=objective, stream=stream, metrics=metrics,
-                        train_log_bytes=os.fstat(log_file.fileno()).st_size, device_type=run.device.type, resumed_at=resumed_at,
-                        train_seconds=earlier_train_seconds + time.perf_counter() - train_start,
-                    )
-            if stop.signum is not None:
-                parallel.wait_for_main()  # every process leaves once rank 0's checkpoint is on disk
-                message = (f"{stop.name} received: stopped after step {done} of {cfg.max_steps}; checkpoint written to "
-                           f"{path}. Continue with the same command plus --resume (--output-dir {out} --resume)")
-                log(message)
-                raise Interrupted(stop.signum, message)
+                    try:
+                        path = save_checkpoint(
+                            out, cfg=cfg, step=done, model=model, guide=guide, objective=objective, stream=stream,
+                            metrics=metrics, train_log_bytes=os.fstat(log_file.fileno()).st_size,
+                            device_type=run.device.type, resumed_at=resumed_at,
+                            train_seconds=earlier_train_seconds + time.perf_counter() - train_start,
+                        )
+                    except Exception as err:  # raised below, once the other processes know (when stopping)
+                        save_error = err
+            if stopping:
+                # every process leaves once rank 0's checkpoint is on disk, or all raise if it could not be written
+                if parallel.wait_for_main(failed=save_error is not None):
+                    if save_error is not None:
+                        raise save_error
+                    raise RuntimeError(f"rank 0 could not write the checkpoint of step {done} to {out}; see its error")
+                raise interrupted(stop, done, cfg.max_steps, path)
+            if save_error is not None:
+                raise save_error
+        # a signal during the last step's checkpoint (after that step's vote): stop before the evaluation
+        if start_step < cfg.max_steps and parallel.agree_to_stop(stop):
+            stop.signum = stop.signum or int(signal.SIGTERM)
+            raise interrupted(stop, cfg.max_steps, cfg.max_steps, checkpoint_path(out))
     train_seconds = earlier_train_seconds + time.perf_counter() - train_start
     log(f"trained {cfg.max_steps} steps in {train_seconds:.0f} s ({cfg.max_steps * run.global_batch / train_seconds:.2f} examples/s)")
     return train_seconds, resumed_at

@@ -99,26 +99,35 @@ def interrupted_then_resumed(rank: int, model_dir: str, task: str, root: str) ->
     """Train RESUMED with 2 processes where SIGTERM reaches rank 1 alone, just before its step 2 (torchrun
     forwards signals, but they need not land in the same step); then resume it with 2 processes."""
     import signal
+    import time
 
     from blob_pyro import objectives
+    from blob_pyro import train as train_module
+    from blob_pyro.resume import CHECKPOINT_FILE
 
-    argv = run_args(model_dir, task, os.path.join(root, f"{RESUMED}_resumed_parallel"), PER_PROCESS_BATCH, CONFIGS[RESUMED])
-    original, calls = objectives.ParityObjective.step, [0]
+    out = os.path.join(root, f"{RESUMED}_resumed_parallel")
+    argv = run_args(model_dir, task, out, PER_PROCESS_BATCH, CONFIGS[RESUMED])
+    original_step, original_save, calls = objectives.ParityObjective.step, train_module.save_checkpoint, [0]
 
     def step(self, batch, step):
         if rank == 1 and calls[0] == 2:
             os.kill(os.getpid(), signal.SIGTERM)
         calls[0] += 1
-        return original(self, batch, step)
+        return original_step(self, batch, step)
 
-    objectives.ParityObjective.step = step
+    def slow_save(*args, **kwargs):  # a slow disk: rank 1 must not leave before the checkpoint exists
+        time.sleep(1.0)
+        return original_save(*args, **kwargs)
+
+    objectives.ParityObjective.step, train_module.save_checkpoint = step, slow_save
     try:
         main(argv)
         raise AssertionError("the run was not interrupted")
     except SystemExit as stopped:  # both processes stop after the same step; rank 0 wrote the checkpoint
         assert stopped.code == 128 + signal.SIGTERM, stopped.code
+        assert os.path.isfile(os.path.join(out, CHECKPOINT_FILE)), f"rank {rank} left before the checkpoint was written"
     finally:
-        objectives.ParityObjective.step = original
+        objectives.ParityObjective.step, train_module.save_checkpoint = original_step, original_save
     main([*argv, "--resume"])
 
 

@@ -123,6 +123,34 @@ def test_sigterm_finishes_the_step_checkpoints_and_resumes_exactly(tmp_path, tin
     assert_same_files(tmp_path / "reference", out)
 
 
+def test_a_signal_during_the_last_checkpoint_stops_before_the_evaluation(tmp_path, tiny_causal_lm_dir, monkeypatch):
+    """SIGTERM while the final checkpoint is written (after the last step's stop check): the run stops with
+    that checkpoint instead of evaluating, and --resume goes straight to the evaluation."""
+    import blob_pyro.train as train_module
+
+    task = write_bigbench_task(tmp_path / "task.json")
+    main(run_args(tiny_causal_lm_dir, task, tmp_path / "reference"))
+    original = train_module.save_checkpoint
+
+    def save_then_signal(out, **kwargs):
+        path = original(out, **kwargs)
+        if kwargs["step"] == MAX_STEPS:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return path
+
+    out = tmp_path / "run"
+    with monkeypatch.context() as patch:
+        patch.setattr(train_module, "save_checkpoint", save_then_signal)
+        with pytest.raises(SystemExit) as stopped:
+            main(run_args(tiny_causal_lm_dir, task, out))
+    assert stopped.value.code == 128 + signal.SIGTERM
+    assert f"stopped after step {MAX_STEPS} of {MAX_STEPS}" in str(stopped.value)
+    assert not (out / "metrics.json").exists() and read_checkpoint(out).step == MAX_STEPS
+    main(run_args(tiny_causal_lm_dir, task, out, "--resume"))
+    assert_same_files(tmp_path / "reference", out)
+    assert json.loads((out / "run.json").read_text())["resumed_at_steps"] == [MAX_STEPS]
+
+
 @pytest.fixture
 def interrupted_run(tmp_path, tiny_causal_lm_dir, monkeypatch):
     task = write_bigbench_task(tmp_path / "task.json")

@@ -100,7 +100,11 @@ def child(args) -> dict:
     objective.step(batch, 0)  # warm-up: the optimiser's state exists from here on
     gc.collect()
     before = _status_kib("VmRSS")
-    Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current resident set
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current resident set
+    except OSError as err:
+        raise SystemExit(f"cannot reset the peak resident set through /proc/self/clear_refs ({err}): this "
+                         "benchmark needs Linux with a writable /proc (not every container allows it)") from None
     times = []
     for step in range(1, args.repeats + 1):
         start = time.perf_counter()

@@ -149,7 +149,7 @@ def _digest(path) -> Optional[str]:
     return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
 
 
-def load_run(run_dir: Path) -> TrainConfig:
+def load_run_config(run_dir: Path) -> TrainConfig:
     """The run's TrainConfig, if it is a finished run (of any method; :func:`blob_pyro.preflight.check_run_dir`).
     Configs written before ``answer_scoring`` existed scored answer letters."""
     run_cfg = check_run_dir(run_dir)
@@ -227,7 +227,7 @@ def _safe(name: str) -> str:
 def evaluate(cfg: EvaluateConfig) -> dict:
     """Evaluate ``cfg.run_dir``; returns ``{"metrics": ..., "uncertainty": ...}`` (also written to files)."""
     run_dir = Path(cfg.run_dir)
-    run_cfg = load_run(run_dir)  # a finished run of any method, else a PreflightError
+    run_cfg = load_run_config(run_dir)  # a finished run of any method, else a PreflightError
     if cfg.seed is None:  # the run's seed: the same draws as the run's own samples_N
         cfg = dataclasses.replace(cfg, seed=run_cfg.seed)
     out = Path(cfg.output_dir) if cfg.output_dir else run_dir / "evaluation"

@@ -239,12 +239,14 @@ def plot_sweep(output_dir: Path, rows: list[dict], *, title: str = "") -> Path:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     names = list(dict.fromkeys(r["method"] for r in rows if not r["method"].startswith("zero-shot")))
     panels = [*PANELS, *((k, label) for k, label in TRAINING_PANELS if any(k in r for r in rows))]
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.8))
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     base_names = list(dict.fromkeys(n.removesuffix(" (N = 0)") for n in names))
+    lengths = sorted({r["epochs"] for r in rows})
     for ax, (key, label) in zip(axes, panels):
         training = key not in dict(PANELS)
         for name in names:
@@ -263,13 +265,16 @@ def plot_sweep(output_dir: Path, rows: list[dict], *, title: str = "") -> Path:
         if zero and not training:
             ax.axhline(zero[0][f"{key}_mean"], color="gray", lw=1, ls=":", label="zero-shot")
         ax.set(xscale="log", xlabel="epochs", ylabel=label + (" (first seed)" if training else ""))
+        ax.set_xticks(lengths, [f"{e:g}" for e in lengths])  # the sweep's lengths, not powers of ten
+        ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
         if training:
             ax.set_yscale("log")
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=7, loc="best")
+    handles, labels = axes[0].get_legend_handles_labels()  # one legend for all panels, beside them, over no data
+    fig.legend(handles, labels, fontsize=8, loc="center right")
     if title:
         fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1 - 1.3 / fig.get_figwidth(), 1))
     out = Path(output_dir) / "sweep.png"
     fig.savefig(out, dpi=110)
     plt.close(fig)

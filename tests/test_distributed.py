@@ -88,6 +88,9 @@ def _worker(rank: int, world_size: int, port: int, model_dir: str, task: str, ro
             metrics = main(run_args(model_dir, task, os.path.join(root, f"{name}_parallel"), PER_PROCESS_BATCH, extra))
             assert (metrics != {}) == (rank == 0)  # rank 0 alone evaluates
         interrupted_then_resumed(rank, model_dir, task, root)
+        # rank 0 evaluates alone after the last run: tearing gloo down on rank 1 while rank 0 is still busy
+        # aborted rank 1 now and then ("terminate called without an active exception"), so both wait here
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 

@@ -23,7 +23,7 @@ __all__ = ["TrainConfig", "config_parser", "field_help", "field_choices", "DEFAU
 #: to float rounding): a finished run is reused and a checkpoint resumed whatever their values (a checkpoint
 #: still refuses another device type, see ``blob_pyro.resume``).
 RESULT_NEUTRAL_FIELDS = ("resume", "checkpoint_every", "log_every", "output_dir", "overwrite", "device", "draws_per_pass",
-                         "gradient_checkpointing")
+                         "gradient_checkpointing", "dist_timeout_minutes")
 
 DEFAULT_TASK = "bundled:social_iqa"
 
@@ -173,6 +173,7 @@ class TrainConfig:
     checkpoint_every: int = _f(0, "write a resumable training checkpoint (<output-dir>/checkpoint.safetensors, replaced atomically) every this many steps; 0: only at the end of training. SIGTERM/SIGINT always finish the current step, write one and exit")
     resume: bool = _f(False, "continue the unfinished run in --output-dir from its checkpoint, bitwise as if never interrupted (up to float rounding where --draws-per-pass or --gradient-checkpointing changes); the config must match the checkpoint's except --resume, --checkpoint-every, --log-every, --output-dir, --overwrite, --draws-per-pass, --gradient-checkpointing and --device (same device type)")
     device: str = _f("auto", "auto (cuda if available), cpu or cuda[:i]")
+    dist_timeout_minutes: float = _f(60.0, "under torchrun: how long a process waits at a collective for the others before it fails; the other ranks wait this long for rank 0's zero-shot and final evaluation (raise it for a long --eval-samples evaluation of a large model)")
     base_dtype: str = _f("auto", "dtype of the frozen base model: auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16, float16", ["auto", "float32", "bfloat16", "float16"])
     gradient_checkpointing: bool = _f(False, "recompute the base model's layer activations in the backward pass (transformers' activation checkpointing, non-reentrant): much less activation memory for 1-8B models (README memory table) for one extra forward pass per step; the same gradients up to float rounding (A is drawn once per step, outside the recomputed forward). Not with --flipout under torchrun")
     base_quantization: str = _f("none", "quantize the frozen base's linear layers with bitsandbytes (pip install 'blob-pyro[quant]'): none, 8bit (LLM.int8()) or 4bit (NF4, double quantization, compute in --base-dtype). Adapters, guide and KL stay fp32; lm_head stays unquantized", ["none", "8bit", "4bit"])
@@ -186,7 +187,8 @@ class TrainConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"--{_flag(name)} must be a positive integer, got {value!r}")
-        positive = ["alpha", "prior_scale", "prior_df", "eps", "lr", "kllr", "gamma", "adam_eps", "scale_lr_factor"]
+        positive = ["alpha", "prior_scale", "prior_df", "eps", "lr", "kllr", "gamma", "adam_eps", "scale_lr_factor",
+                    "dist_timeout_minutes"]
         for name in positive:
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):

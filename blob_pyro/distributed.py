@@ -123,7 +123,8 @@ class DataParallel:
         group (``env://``), unless one is already initialised; single process when ``WORLD_SIZE`` is unset or 1.
 
         Backend: NCCL when the run uses CUDA (``device`` ``auto`` with CUDA available, or ``cuda``), gloo
-        otherwise. ``timeout_minutes`` bounds how long the other processes wait for rank 0's zero-shot evaluation.
+        otherwise. ``timeout_minutes`` bounds how long a process waits at a collective, e.g. the other processes for
+        rank 0's zero-shot and final evaluation (``--dist-timeout-minutes``).
         """
         world_size = environment_world_size()
         rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else int(os.environ.get("RANK", "0"))

@@ -104,14 +104,31 @@ def train(cfg: TrainConfig) -> dict:
         difference = run.parallel.max_parameter_difference()
         if difference > 0:
             log(f"warning: trained parameters differ across the {run.parallel.world_size} processes by up to {difference:.3g}")
-        if not run.parallel.is_main:  # rank 0 alone evaluates and writes files
+        if not run.parallel.is_main:  # rank 0 alone evaluates and writes files; the others wait in the group
+            wait_for_run_end(run.parallel)
             return {}
-    run.model.eval()  # a guide completed from the data after SVI (the Laplace autoguide's covariance) does it now
-    run.guide.post_fit(batches(run.data, run.data.train, batch_size=cfg.eval_batch_size, device=run.device))
-    save_adapter_and_guide(run.out, run.model, run.guide)
-    timings = evaluate_after_training(cfg, run, metrics)
-    write_run_end(cfg, run, metrics, {**timings, "train_seconds": train_seconds, "resumed_at_steps": resumed_at})
+    try:
+        run.model.eval()  # a guide completed from the data after SVI (the Laplace autoguide's covariance) does it now
+        run.guide.post_fit(batches(run.data, run.data.train, batch_size=cfg.eval_batch_size, device=run.device))
+        save_adapter_and_guide(run.out, run.model, run.guide)
+        timings = evaluate_after_training(cfg, run, metrics)
+        write_run_end(cfg, run, metrics, {**timings, "train_seconds": train_seconds, "resumed_at_steps": resumed_at})
+    except BaseException:
+        if run.parallel.active:
+            run.parallel.wait_for_main(failed=True)  # the waiting processes raise too, instead of timing out
+        raise
+    if run.parallel.active:
+        run.parallel.wait_for_main()  # release the others: every run file is written
     return metrics
+
+
+def wait_for_run_end(parallel: DataParallel) -> None:
+    """On a process other than rank 0, after training: stay in the process group until rank 0 has evaluated
+    and written the run files (at most ``--dist-timeout-minutes``). A process that left at once tore its gloo
+    group down while rank 0 still evaluated; that could abort it at exit, and torchrun then stops rank 0
+    mid-evaluation. Raises when rank 0 failed, so that the launcher sees every process fail."""
+    if parallel.wait_for_main():
+        raise RuntimeError("rank 0 failed after training (post-fit, evaluation or writing the run files); see its error above")
 
 
 def run_baseline(cfg: TrainConfig) -> dict:
@@ -150,7 +167,7 @@ def assemble_run(cfg: TrainConfig, checked, peft_adapter) -> AssembledRun:
     """Task and split (from the preflight checks), tokens (tokenized once), model, prior, guide and objective;
     the checks that need the model run here, before any run file is written."""
     out = Path(cfg.output_dir)
-    parallel = DataParallel.from_environment(cfg.device)
+    parallel = DataParallel.from_environment(cfg.device, timeout_minutes=cfg.dist_timeout_minutes)
     if cfg.gradient_checkpointing and parallel.active and cfg.flipout != "none":
         # the recomputation may run on autograd's device threads, outside this process's global_batch_rows
         raise ValueError("--gradient-checkpointing with flipout under torchrun could draw other flipout signs when "

@@ -1,5 +1,6 @@
 """Data-parallel SVI (blob_pyro.distributed): 2 gloo processes at batch b take the steps of 1 process at 2b."""
 
+import contextlib
 import json
 import os
 import socket
@@ -84,15 +85,59 @@ def _worker(rank: int, world_size: int, port: int, model_dir: str, task: str, ro
     try:
         parallel = DataParallel.from_environment("cpu")
         torch.save({case: first_step_gradients(case, parallel) for case in GRADIENT_CASES}, os.path.join(root, f"gradients_{rank}.pt"))
-        for name, extra in CONFIGS.items():
-            metrics = main(run_args(model_dir, task, os.path.join(root, f"{name}_parallel"), PER_PROCESS_BATCH, extra))
-            assert (metrics != {}) == (rank == 0)  # rank 0 alone evaluates
+        seen = {"returned_with_metrics": {}, "finished_when_returned": {}}
+        with slow_run_end(rank):
+            for name, extra in CONFIGS.items():
+                out = os.path.join(root, f"{name}_parallel")
+                metrics = main(run_args(model_dir, task, out, PER_PROCESS_BATCH, extra))
+                seen["returned_with_metrics"][name] = metrics != {}
+                seen["finished_when_returned"][name] = os.path.isfile(os.path.join(out, "metrics.json"))
         interrupted_then_resumed(rank, model_dir, task, root)
-        # rank 0 evaluates alone after the last run: tearing gloo down on rank 1 while rank 0 is still busy
-        # aborted rank 1 now and then ("terminate called without an active exception"), so both wait here
-        dist.barrier()
+        seen["failed_evaluation"] = failed_evaluation_error(rank, model_dir, task, root)
+        with open(os.path.join(root, f"seen_{rank}.json"), "w") as f:
+            json.dump(seen, f)
     finally:
         dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def slow_run_end(rank: int):
+    """Rank 0 writes the run's end files a second late: the other process must wait for them."""
+    import time
+
+    from blob_pyro import train as train_module
+
+    original = train_module.write_run_end
+
+    def slow(*args, **kwargs):
+        time.sleep(1.0)
+        return original(*args, **kwargs)
+
+    train_module.write_run_end = slow if rank == 0 else original
+    try:
+        yield
+    finally:
+        train_module.write_run_end = original
+
+
+def failed_evaluation_error(rank: int, model_dir: str, task: str, root: str) -> str:
+    """Run 1 step where rank 0's evaluation raises; returns the error this process raised ("" if none)."""
+    from blob_pyro import train as train_module
+
+    original = train_module.evaluate_after_training
+
+    def broken(*args, **kwargs):
+        raise OSError("disk full")
+
+    train_module.evaluate_after_training = broken if rank == 0 else original
+    argv = run_args(model_dir, task, os.path.join(root, "failed_evaluation"), PER_PROCESS_BATCH, CONFIGS["mle"])
+    try:
+        main([*argv, "--max-steps", "1"])
+        return ""
+    except Exception as err:
+        return f"{type(err).__name__}: {err}"
+    finally:
+        train_module.evaluate_after_training = original
 
 
 RESUMED = "parity_flipout"  # the most state to carry over: the KL cycle's position, flipout and Adam
@@ -154,6 +199,26 @@ def read_run(out):
                **{f"guide/{k}": v for k, v in load_file(out / "guide.safetensors").items()}}
     log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
     return tensors, log, json.loads((out / "metrics.json").read_text())
+
+
+def test_every_process_stays_until_rank_0_has_written_the_run(parallel_runs):
+    """Rank 0 alone evaluates (a second slower here); the other process returns {} only once rank 0's
+    metrics.json exists. Leaving at once tore gloo down on rank 1 while rank 0 evaluated, which aborted
+    rank 1 now and then ("terminate called without an active exception"), and torchrun then stops rank 0."""
+    root, _ = parallel_runs
+    for rank in (0, 1):
+        seen = json.loads((root / f"seen_{rank}.json").read_text())
+        assert seen["returned_with_metrics"] == {name: rank == 0 for name in CONFIGS}
+        assert seen["finished_when_returned"] == {name: True for name in CONFIGS}, f"rank {rank} left early"
+
+
+def test_a_failed_evaluation_on_rank_0_fails_every_process(parallel_runs):
+    """Rank 0 raises its own error; the waiting process raises one naming rank 0 instead of a silent
+    success or a hang until the process-group timeout."""
+    root, _ = parallel_runs
+    seen = [json.loads((root / f"seen_{rank}.json").read_text())["failed_evaluation"] for rank in (0, 1)]
+    assert seen[0] == "OSError: disk full"
+    assert seen[1].startswith("RuntimeError: rank 0 failed after training")
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))

@@ -92,6 +92,7 @@ def test_finished_run_is_not_overwritten_without_flag(tmp_path, tiny_causal_lm_d
 @pytest.mark.parametrize("flag,value,message", [
     ("--rank", "0", "--rank must be a positive integer"),
     ("--lr", "-1", "--lr must be a finite positive number"),
+    ("--dist-timeout-minutes", "0", "--dist-timeout-minutes must be a finite positive number"),
     ("--lora-dropout", "1.5", "--lora-dropout must be in"),
     ("--guide", "nonexistent", "unknown guide 'nonexistent'"),
 ])

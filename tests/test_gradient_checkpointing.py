@@ -54,7 +54,7 @@ def test_checkpointing_with_flipout_under_torchrun_is_refused_before_anything_is
     class TwoProcesses:
         active, world_size, rank = True, 2, 0
 
-    monkeypatch.setattr(train.DataParallel, "from_environment", staticmethod(lambda device: TwoProcesses()))
+    monkeypatch.setattr(train.DataParallel, "from_environment", staticmethod(lambda device, **kwargs: TwoProcesses()))
     task = write_bigbench_task(tmp_path / "task.json")
     with pytest.raises(ValueError, match="pass --flipout none or drop --gradient-checkpointing"):
         run(tmp_path, tiny_causal_lm_dir, task, "refused", ["--flipout", "token", "--gradient-checkpointing"])

@@ -55,7 +55,7 @@ FORMAT = "blob_pyro.training_checkpoint/1"
 #: evaluation draws are batched (the same draws; metrics equal up to float rounding, not bitwise);
 #: ``gradient_checkpointing`` only whether the layers' activations are stored or recomputed in the backward pass
 #: (the same random state and draws; the same parameters up to float rounding, bitwise in the CPU test of
-#: tests/test_gradient_checkpointing.py).
+#: tests/test_gradient_checkpointing.py); ``dist_timeout_minutes`` only how long processes wait for each other.
 FREE_FIELDS = RESULT_NEUTRAL_FIELDS  # free to differ between a checkpoint and the run that resumes it
 
 #: Constraints of Pyro parameters outside the modules that a checkpoint can name (JSON, not pickle).
